@@ -1,0 +1,92 @@
+// Shared device helpers for nvae_fast kernels: dtype tags, float conversion, aligned vectors,
+// Swish, and the grid-size heuristics. Torch-free: everything here is plain CUDA C++.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "nvae_fast.h"
+
+namespace nvae {
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+// N elements of T moved by one instruction (16 bytes for N = 16 / sizeof(T)).
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Vec {
+  T v[N];
+};
+
+template <typename T, int N>
+__device__ __forceinline__ void load_vec(const T* __restrict__ p, float (&out)[N]) {
+  const Vec<T, N> raw = *reinterpret_cast<const Vec<T, N>*>(p);
+#pragma unroll
+  for (int i = 0; i < N; ++i) out[i] = to_float(raw.v[i]);
+}
+
+template <typename T, int N>
+__device__ __forceinline__ void store_vec(T* __restrict__ p, const float (&in)[N]) {
+  Vec<T, N> raw;
+#pragma unroll
+  for (int i = 0; i < N; ++i) raw.v[i] = from_float<T>(in[i]);
+  *reinterpret_cast<Vec<T, N>*>(p) = raw;
+}
+
+__device__ __forceinline__ float sigmoidf_fast(float v) { return 1.f / (1.f + __expf(-v)); }
+
+// d/dz [z * sigmoid(z)] = s * (1 + z * (1 - s)).
+__device__ __forceinline__ float swish_grad(float z) {
+  const float s = sigmoidf_fast(z);
+  return s * (1.f + z * (1.f - s));
+}
+
+// Widest vector (in elements) that divides `extent` and keeps every access of `ptrs` 16-byte aligned.
+template <typename T>
+inline int pick_vec(int64_t extent, std::initializer_list<const void*> ptrs) {
+  constexpr int kMax = 16 / static_cast<int>(sizeof(T));
+  for (const void* p : ptrs) {
+    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return 1;
+  }
+  return extent % kMax == 0 ? kMax : 1;
+}
+
+int sm_count();
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+}  // namespace nvae
+
+#define NVAE_DISPATCH_DTYPE(dtype, T, ...)              \
+  switch (dtype) {                                     \
+    case ::nvae::DType::kFloat32: {                    \
+      using T = float;                                 \
+      __VA_ARGS__;                                     \
+      break;                                           \
+    }                                                  \
+    case ::nvae::DType::kFloat16: {                    \
+      using T = __half;                                \
+      __VA_ARGS__;                                     \
+      break;                                           \
+    }                                                  \
+    case ::nvae::DType::kBFloat16: {                   \
+      using T = __nv_bfloat16;                         \
+      __VA_ARGS__;                                     \
+      break;                                           \
+    }                                                  \
+    default:                                           \
+      return cudaErrorInvalidValue;                    \
+  }
