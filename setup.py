@@ -95,14 +95,18 @@ class CMakeBuild(build_ext):
 
 def _extensions() -> list[Extension]:
     mode = os.environ.get("NVAE_FAST_BUILD_CUDA")
+    # pip runs this file once per build hook; speak only in the one that builds.
+    building = any(cmd in sys.argv for cmd in ("bdist_wheel", "editable_wheel", "build_ext", "install", "develop"))
     if mode == "0":
-        _log("NVAE_FAST_BUILD_CUDA=0: installing pure Python, without nvae_fast._C")
+        if building:
+            _log("NVAE_FAST_BUILD_CUDA=0: installing pure Python, without nvae_fast._C")
         return []
     if _find_nvcc() is None:
         if mode == "1":
             raise RuntimeError("NVAE_FAST_BUILD_CUDA=1 but no CUDA toolkit found (no nvcc on PATH, CUDA_HOME or CUDA_PATH)")
-        _log("no CUDA toolkit found (nvcc not on PATH, CUDA_HOME unset): installing pure Python, "
-             "without nvae_fast._C; the torch and triton backends are unaffected")
+        if building:
+            _log("no CUDA toolkit found (nvcc not on PATH, CUDA_HOME unset): installing pure Python, "
+                 "without nvae_fast._C; the torch and triton backends are unaffected")
         return []
     return [CMakeExtension("nvae_fast._C")]
 
