@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import importlib.util
 import os
 import warnings
 from collections.abc import Iterator, Sequence
+from types import ModuleType
 
 import torch
 
@@ -147,3 +149,10 @@ def select(op: str, device: torch.device, implemented: Sequence[str]) -> str:
             return name
         _warn_once(f"{op}:{name}:{reason}", f"{op}: skipping backend {name!r}: {reason}")
     return "torch"
+
+
+def kernels(op: str, backend_name: str) -> ModuleType:
+    """The kernel module of a fast backend for ``op``: ``nvae_fast.kernels.<backend>.<op>``."""
+    if backend_name not in ("triton", "cuda"):
+        raise ValueError(f"only the triton and cuda backends have kernel modules, got {backend_name!r}")
+    return importlib.import_module(f"nvae_fast.kernels.{backend_name}.{op}")

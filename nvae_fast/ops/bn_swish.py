@@ -124,15 +124,7 @@ def kernels_for(x: Tensor) -> ModuleType | SimpleNamespace:
     """The kernel namespace of the backend chosen for x (see nvae_fast.backend)."""
     implemented = ("cuda", "triton", "torch") if x.dtype in _KERNEL_DTYPES else ("torch",)
     name = backend.select(f"bn_swish[{str(x.dtype).removeprefix('torch.')}]", x.device, implemented)
-    if name == "triton":
-        from nvae_fast.kernels.triton import bn_swish as triton_kernels
-
-        return triton_kernels
-    if name == "cuda":
-        from nvae_fast.kernels.cuda import bn_swish as cuda_kernels
-
-        return cuda_kernels
-    return _TORCH_KERNELS
+    return _TORCH_KERNELS if name == "torch" else backend.kernels("bn_swish", name)
 
 
 def _fold(weight: Tensor, bias: Tensor, mean: Tensor, invstd: Tensor) -> tuple[Tensor, Tensor]:
