@@ -1,4 +1,7 @@
-"""SyncBatchNorm semantics: two gloo ranks with half a batch each equal one process with all of it."""
+"""SyncBatchNorm semantics: two gloo ranks with half a batch each equal one process with all of it.
+
+Covers BatchNormSwish (fused op, torch and triton backends) and BatchNorm2d (plain BN).
+"""
 
 import os
 
@@ -9,6 +12,7 @@ import torch.multiprocessing as mp
 
 import nvae_fast
 from nvae_fast import BatchNormSwish
+from nvae_fast.nn import BatchNorm2d
 
 WORLD = 2
 
@@ -28,12 +32,15 @@ def _run(module, x, dy, backend):
     return y.detach(), x.grad, module.weight.grad.clone(), module.bias.grad.clone()
 
 
-def _worker(rank, init_file, backend, out_file):
+MODULES = {"bn_swish": BatchNormSwish, "bn": BatchNorm2d}
+
+
+def _worker(rank, init_file, backend, module, out_file):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
         x, dy = _data()
         half = x.shape[0] // WORLD
-        m = BatchNormSwish(6, momentum=0.05)
+        m = MODULES[module](6, momentum=0.05)
         y, dx, dw, db = _run(m, x[rank * half:(rank + 1) * half], dy[rank * half:(rank + 1) * half], backend)
         dist.all_reduce(dw)
         dist.all_reduce(db)
@@ -47,14 +54,14 @@ def _worker(rank, init_file, backend, out_file):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_two_ranks_equal_one_process_on_joined_batch(tmp_path, backend):
+@pytest.mark.parametrize("module,backend", [("bn_swish", "torch"), ("bn_swish", "triton"), ("bn", "torch")])
+def test_two_ranks_equal_one_process_on_joined_batch(tmp_path, module, backend):
     out_file = tmp_path / "out.pt"
-    mp.spawn(_worker, args=(str(tmp_path / "init"), backend, str(out_file)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(str(tmp_path / "init"), backend, module, str(out_file)), nprocs=WORLD, join=True)
     got = torch.load(out_file)
 
     x, dy = _data()
-    m = BatchNormSwish(6, momentum=0.05)
+    m = MODULES[module](6, momentum=0.05)
     y, dx, dw, db = _run(m, x, dy, "torch")
     for name, expected in (("y", y), ("dx", dx), ("dw", dw), ("db", db), ("running_mean", m.running_mean),
                            ("running_var", m.running_var)):
