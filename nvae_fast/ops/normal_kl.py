@@ -26,6 +26,27 @@ Three functional ops cover the model:
   since ``(z0 - mu_q') / sigma_q = eps``).
 
 Each has a ``*_ref`` reference written from the definitions (plain autograd, float64-capable).
+
+Kernel contract: each fast backend provides ``nvae_fast/kernels/<triton|cuda>/normal_kl.py`` with
+the functions below. Tensors are (N, C, H, W) of one dtype (float32/float16/bfloat16) on one
+device, with any strides (a launcher may copy to a dense layout); ``mu_p``/``log_sigma_p`` may be
+None (standard prior). Sums are fp32; gradients and z come back dense, in the params' dtype. A
+``grad_*`` argument may be None, meaning zeros (the output did not reach the loss).
+
+* ``normal_kl_forward(mu_p, log_sigma_p, mu_q, log_sigma_q, eps, residual)
+  -> (z, kl_all, log_q, log_p, kl_diag)``
+* ``normal_kl_backward(grad_z, grad_kl_all, grad_log_q, grad_log_p, grad_kl_diag,
+  mu_p, log_sigma_p, mu_q, log_sigma_q, eps, residual)
+  -> (d_mu_p, d_log_sigma_p, d_mu_q, d_log_sigma_q)``  (prior grads None for the standard prior)
+* ``normal_sample_forward(mu, log_sigma, eps, temperature) -> z``
+* ``normal_sample_backward(grad_z, mu, log_sigma, eps, temperature) -> (d_mu, d_log_sigma)``
+* ``flow_kl_forward(mu_p, log_sigma_p, log_sigma_q, eps, z, log_det, residual)
+  -> (kl_all, log_q, log_p, kl_diag)``
+* ``flow_kl_backward(grad_kl_all, grad_log_q, grad_log_p, grad_kl_diag,
+  mu_p, log_sigma_p, log_sigma_q, eps, z, log_det, residual)
+  -> (d_mu_p, d_log_sigma_p, d_log_sigma_q, d_z, d_log_det)``
+
+(``flow_kl`` needs no ``mu_q``: the posterior mean cancels out of ``log q(z0)``.)
 """
 
 from __future__ import annotations
@@ -104,38 +125,40 @@ def normal_sample_ref(mu: Tensor | None, log_sigma: Tensor | None, eps: Tensor, 
     return (m + temperature * s * _acc(eps)).to(eps.dtype if mu is None else mu.dtype)
 
 
-def flow_kl_ref(mu_p: Tensor | None, log_sigma_p: Tensor | None, mu_q: Tensor, log_sigma_q: Tensor, eps: Tensor,
-                z: Tensor, log_det: Tensor, residual: bool = True) -> GroupKL:
+def flow_kl_ref(mu_p: Tensor | None, log_sigma_p: Tensor | None, log_sigma_q: Tensor, eps: Tensor, z: Tensor,
+                log_det: Tensor, residual: bool = True) -> GroupKL:
     """Reference of :func:`flow_kl`; ``z`` is the flowed sample, ``log_det`` the flows' summed log-det."""
-    _, sq = _posterior(mu_p, log_sigma_p, mu_q, log_sigma_q, residual)
+    log_sigma = _acc(log_sigma_q)
+    if residual and log_sigma_p is not None:
+        log_sigma = log_sigma + _acc(log_sigma_p)
+    sq = torch.exp(soft_clamp5(log_sigma)) + SIGMA_MIN
     e = _acc(eps)
     log_q_conv = -0.5 * e * e - HALF_LOG_2PI - torch.log(sq) - _acc(log_det)
-    mp, sp = _prior(mu_p, log_sigma_p, mu_q)
+    mp, sp = _prior(mu_p, log_sigma_p, log_sigma_q)
     log_p_conv = _log_normal(_acc(z), mp, sp)
     return _reduce(log_q_conv - log_p_conv, log_q_conv, log_p_conv, None)
 
 
-def _check(name: str, t: Tensor | None, like: Tensor) -> None:
-    if t is None:
-        return
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.shape != like.shape:
-        raise ValueError(f"{name} must have shape {tuple(like.shape)} like mu_q, got {tuple(t.shape)}")
-    if not t.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
-    if t.device != like.device:
-        raise ValueError(f"{name} is on {t.device} but mu_q is on {like.device}")
-
-
-def _check_group(mu_p: Tensor | None, log_sigma_p: Tensor | None, mu_q: Tensor, log_sigma_q: Tensor,
-                 eps: Tensor, **more: Tensor) -> None:
-    if not isinstance(mu_q, Tensor) or mu_q.dim() != 4:
-        raise ValueError(f"mu_q must be a 4-D tensor (N, C, H, W), got {getattr(mu_q, 'shape', type(mu_q))}")
+def _check_group(ref_name: str, ref: Tensor, mu_p: Tensor | None, log_sigma_p: Tensor | None,
+                 **tensors: Tensor | None) -> None:
+    """Every tensor must be a float tensor shaped and placed like ``ref`` (a 4-D (N, C, H, W))."""
+    if not isinstance(ref, Tensor) or ref.dim() != 4:
+        raise ValueError(f"{ref_name} must be a 4-D tensor (N, C, H, W), got {getattr(ref, 'shape', type(ref))}")
+    if not ref.is_floating_point():
+        raise TypeError(f"{ref_name} must be a floating-point tensor, got {ref.dtype}")
     if (mu_p is None) != (log_sigma_p is None):
         raise ValueError("mu_p and log_sigma_p must both be tensors or both be None (standard prior)")
-    for name, t in dict(mu_p=mu_p, log_sigma_p=log_sigma_p, log_sigma_q=log_sigma_q, eps=eps, **more).items():
-        _check(name, t, mu_q)
+    for name, t in dict(mu_p=mu_p, log_sigma_p=log_sigma_p, **tensors).items():
+        if t is None:
+            continue
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.shape != ref.shape:
+            raise ValueError(f"{name} must have shape {tuple(ref.shape)} like {ref_name}, got {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+        if t.device != ref.device:
+            raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}")
 
 
 def normal_kl(mu_p: Tensor | None, log_sigma_p: Tensor | None, mu_q: Tensor, log_sigma_q: Tensor, eps: Tensor,
@@ -150,26 +173,27 @@ def normal_kl(mu_p: Tensor | None, log_sigma_p: Tensor | None, mu_q: Tensor, log
     Returns:
         :class:`GroupKL` with z (params' dtype) and fp32 sums (fp64 for fp64 input).
     """
-    _check_group(mu_p, log_sigma_p, mu_q, log_sigma_q, eps)
+    _check_group("mu_q", mu_q, mu_p, log_sigma_p, log_sigma_q=log_sigma_q, eps=eps)
     return normal_kl_ref(mu_p, log_sigma_p, mu_q, log_sigma_q, eps, residual)
 
 
 def normal_sample(mu: Tensor | None, log_sigma: Tensor | None, eps: Tensor, temperature: float = 1.0) -> Tensor:
     """``z = 5 tanh(mu / 5) + t (exp(5 tanh(log_sigma / 5)) + 0.01) eps``, in eps's dtype for the
     standard prior (``mu = log_sigma = None``), else mu's. All tensors (N, C, H, W)."""
-    if mu is not None:
-        _check_group(None, None, mu, log_sigma, eps)
+    _check_group("eps", eps, mu, log_sigma)
     if not temperature > 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
     return normal_sample_ref(mu, log_sigma, eps, temperature)
 
 
-def flow_kl(mu_p: Tensor | None, log_sigma_p: Tensor | None, mu_q: Tensor, log_sigma_q: Tensor, eps: Tensor,
-            z: Tensor, log_det: Tensor, residual: bool = True) -> GroupKL:
+def flow_kl(mu_p: Tensor | None, log_sigma_p: Tensor | None, log_sigma_q: Tensor, eps: Tensor, z: Tensor,
+            log_det: Tensor, residual: bool = True) -> GroupKL:
     """One latent group with flows: the four sums from the flowed sample ``z`` and ``log_det``.
 
-    ``eps`` is the noise that drew the pre-flow sample (see :func:`normal_sample`); the other
-    arguments are as in :func:`normal_kl`. Returns :class:`GroupKL` with ``z = None``.
+    ``eps`` is the noise that drew the pre-flow sample ``z0 = mu_q' + sigma_q * eps`` (see
+    :func:`normal_sample`); the posterior mean cancels out of ``log q(z0)``, so only
+    ``log_sigma_q`` is needed. Other arguments as in :func:`normal_kl`. Returns
+    :class:`GroupKL` with ``z = None``.
     """
-    _check_group(mu_p, log_sigma_p, mu_q, log_sigma_q, eps, z=z, log_det=log_det)
-    return flow_kl_ref(mu_p, log_sigma_p, mu_q, log_sigma_q, eps, z, log_det, residual)
+    _check_group("log_sigma_q", log_sigma_q, mu_p, log_sigma_p, eps=eps, z=z, log_det=log_det)
+    return flow_kl_ref(mu_p, log_sigma_p, log_sigma_q, eps, z, log_det, residual)
