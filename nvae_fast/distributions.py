@@ -84,7 +84,7 @@ class DiscMixLogistic:
                              f"got {C}")
         self.num_mix = num_mix
         self.logit_probs = logits[:, :num_mix]                                  # N, M, H, W
-        params = logits[:, num_mix:].view(N, 3, 3 * num_mix, H, W)
+        params = logits[:, num_mix:].reshape(N, 3, 3 * num_mix, H, W)
         self.means = params[:, :, :num_mix]                                     # N, 3, M, H, W
         self.log_scales = torch.clamp(params[:, :, num_mix:2 * num_mix], min=LOG_SCALE_MIN)
         self.coeffs = torch.tanh(params[:, :, 2 * num_mix:])
