@@ -138,7 +138,7 @@ def test_unreadable_and_missing_files(tmp_path):
         read_official_checkpoint(tmp_path / "notes.txt")
     with pytest.raises(FileNotFoundError, match="no checkpoint file"):
         read_official_checkpoint(tmp_path / "missing.pt")
-    (tmp_path / "plain.pkl").write_bytes(pickle.dumps({"state_dict": {}, "args": _Payload()}))
+    (tmp_path / "plain.pkl").write_bytes(pickle.dumps({"state_dict": {}, "args": _Payload()}, protocol=2))
     with pytest.raises(ValueError, match="cannot be read"):
         read_official_checkpoint(tmp_path / "plain.pkl")
 
