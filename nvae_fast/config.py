@@ -62,6 +62,9 @@ DATASETS: dict[str, tuple[int, int]] = {
 }
 # 28x28 images padded to 32x32: the reconstruction loss only counts the central 28x28.
 CROPPED_DATASETS = frozenset({"mnist", "omniglot", "stacked_mnist"})
+# Binary images: the official model gives them a Bernoulli output whatever num_mixture_dec says.
+BERNOULLI_DATASETS = frozenset({"mnist", "omniglot"})
+OUTPUT_DISTRIBUTIONS = ("bernoulli", "normal", "logistic_mixture")
 
 # The options of the official command line that shape the model, in the official order.
 _OFFICIAL_ARGS = (
@@ -78,14 +81,21 @@ OLD_CHECKPOINT_DEFAULTS: dict[str, Any] = {"ada_groups": False, "min_groups_per_
 class NVAEConfig:
     """The architecture of an NVAE model (the official ``train.py`` flags that shape it).
 
+    Fields left None are derived when the config is built (and then hold the derived value);
+    ``dataclasses.replace`` keeps derived values, ``NVAEConfig.preset(name, **overrides)`` derives
+    them again.
+
     Attributes:
         dataset: official dataset name (sets ``image_size``, ``in_channels`` and ``crop_output``)
             or any other name, which then needs ``image_size`` and ``in_channels``.
         image_size: height = width of the input images; None takes the dataset's.
-        in_channels: image channels (1: Bernoulli output; 3: logistic mixture or normal output);
-            None takes the dataset's.
+        in_channels: image channels; None takes the dataset's.
         crop_output: score only the central 28x28 of 32x32 reconstructions (MNIST-like data padded
             to 32); None takes the dataset's.
+        output_distribution: p(x|z): 'bernoulli', 'normal' or 'logistic_mixture' (discretised,
+            ``num_mixture_dec`` components, 1 or 3 channels). None takes the official choice:
+            Bernoulli for mnist and omniglot, else normal if ``num_mixture_dec == 1``, else the
+            logistic mixture.
         arch_instance: one of ``ARCHITECTURES`` (``res_mbconv`` is the official default).
         num_channels_enc, num_channels_dec: channels at the highest latent resolution.
         num_latent_scales: spatial scales holding latent groups.
@@ -107,6 +117,7 @@ class NVAEConfig:
     image_size: int | None = None
     in_channels: int | None = None
     crop_output: bool | None = None
+    output_distribution: str | None = None
     arch_instance: str = "res_mbconv"
     num_channels_enc: int = 32
     num_channels_dec: int = 32
@@ -135,7 +146,14 @@ class NVAEConfig:
             object.__setattr__(self, "in_channels", channels)
         if self.crop_output is None:
             object.__setattr__(self, "crop_output", self.dataset in CROPPED_DATASETS)
+        if self.output_distribution is None:
+            object.__setattr__(self, "output_distribution", self._official_output_distribution())
         self._validate()
+
+    def _official_output_distribution(self) -> str:
+        if self.dataset in BERNOULLI_DATASETS:
+            return "bernoulli"
+        return "normal" if self.num_mixture_dec == 1 else "logistic_mixture"
 
     def _validate(self) -> None:
         if not isinstance(self.dataset, str) or not self.dataset:
@@ -163,9 +181,12 @@ class NVAEConfig:
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.num_x_bits > 8:
             raise ValueError(f"num_x_bits must be at most 8, got {self.num_x_bits}")
-        if self.in_channels not in (1, 3) and self.num_mixture_dec != 1:
-            raise ValueError(f"in_channels={self.in_channels}: the logistic mixture output models RGB images; "
-                             "use in_channels=3, in_channels=1 (Bernoulli) or num_mixture_dec=1 (normal)")
+        if self.output_distribution not in OUTPUT_DISTRIBUTIONS:
+            raise ValueError(f"output_distribution must be one of {', '.join(OUTPUT_DISTRIBUTIONS)} or None, "
+                             f"got {self.output_distribution!r}")
+        if self.output_distribution == "logistic_mixture" and self.in_channels not in (1, 3):
+            raise ValueError(f"in_channels={self.in_channels}: the logistic mixture output models grey (1 channel) "
+                             "or RGB (3 channels) images; use output_distribution='normal' or 'bernoulli'")
         reduction = 2 ** (self.num_preprocess_blocks + self.num_latent_scales - 1)
         if self.image_size % reduction:
             raise ValueError(f"image_size must be a multiple of 2**(num_preprocess_blocks + num_latent_scales - 1)"
@@ -207,21 +228,15 @@ class NVAEConfig:
         return ARCHITECTURES[self.arch_instance]
 
     @property
-    def output_distribution(self) -> str:
-        """'bernoulli' (1 channel), 'normal' (num_mixture_dec == 1) or 'logistic_mixture'."""
-        if self.in_channels == 1:
-            return "bernoulli"
-        return "normal" if self.num_mixture_dec == 1 else "logistic_mixture"
-
-    @property
     def output_channels(self) -> int:
         """Channels of the decoder's logits."""
         kind = self.output_distribution
         if kind == "bernoulli":
-            return 1
+            return self.in_channels
         if kind == "normal":
             return 2 * self.in_channels
-        return 10 * self.num_mixture_dec  # per component: 1 logit + 3 x (mean, log scale, coefficient)
+        # per component: a mixture logit, and per channel a mean, a log scale and (RGB) a coefficient
+        return self.num_mixture_dec * (10 if self.in_channels == 3 else 3)
 
     # -----------------------------------------------------------------------------------------
     # Construction
@@ -232,7 +247,7 @@ class NVAEConfig:
         """The named preset (see ``PRESETS``), with any field replaced by ``overrides``."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-        return dataclasses.replace(PRESETS[name], **overrides) if overrides else PRESETS[name]
+        return cls(**{**PRESETS[name], **overrides})
 
     @classmethod
     def from_namespace(cls, args: argparse.Namespace | dict[str, Any]) -> NVAEConfig:
@@ -256,8 +271,8 @@ class NVAEConfig:
     def to_namespace(self) -> argparse.Namespace:
         """The official ``train.py`` options of this config, as an ``argparse.Namespace``.
 
-        Fields the official code does not know (image_size, in_channels, crop_output) are included
-        only when they differ from what the dataset implies.
+        Fields the official code does not know (image_size, in_channels, crop_output,
+        output_distribution) are included only when they differ from what the official code derives.
         """
         values = {name: getattr(self, name) for name in _OFFICIAL_ARGS}
         size, channels = DATASETS.get(self.dataset, (None, None))
@@ -267,22 +282,24 @@ class NVAEConfig:
             values["in_channels"] = self.in_channels
         if self.crop_output != (self.dataset in CROPPED_DATASETS):
             values["crop_output"] = self.crop_output
+        if self.output_distribution != self._official_output_distribution():
+            values["output_distribution"] = self.output_distribution
         return argparse.Namespace(**values)
 
 
 def _official(dataset: str, channels: int, scales: int, groups: int, pre_cells: int, blocks: int, nf: int,
-              **extra: Any) -> NVAEConfig:
+              **extra: Any) -> dict[str, Any]:
     """A README training command: SE, residual posteriors, 2 cells per group in each tower."""
-    return NVAEConfig(dataset=dataset, num_channels_enc=channels, num_channels_dec=channels,
-                      num_latent_scales=scales, num_groups_per_scale=groups, num_latent_per_group=20,
-                      num_preprocess_cells=pre_cells, num_postprocess_cells=pre_cells,
-                      num_preprocess_blocks=blocks, num_postprocess_blocks=blocks,
-                      num_cell_per_cond_enc=2, num_cell_per_cond_dec=2, num_nf=nf, use_se=True, res_dist=True,
-                      **extra)
+    return dict(dataset=dataset, num_channels_enc=channels, num_channels_dec=channels, num_latent_scales=scales,
+                num_groups_per_scale=groups, num_latent_per_group=20, num_preprocess_cells=pre_cells,
+                num_postprocess_cells=pre_cells, num_preprocess_blocks=blocks, num_postprocess_blocks=blocks,
+                num_cell_per_cond_enc=2, num_cell_per_cond_dec=2, num_nf=nf, use_se=True, res_dist=True, **extra)
 
 
-PRESETS: dict[str, NVAEConfig] = {
-    # The six commands of the official README (https://github.com/NVlabs/NVAE#running-the-main-nvae-training-and-evaluation-scripts).
+# Presets are the keyword arguments of NVAEConfig (so that overrides re-derive the None fields).
+PRESETS: dict[str, dict[str, Any]] = {
+    # The six training commands of the official README (github.com/NVlabs/NVAE, "Running the main NVAE
+    # training and evaluation scripts"); every other option at its train.py default.
     "mnist": _official("mnist", 32, scales=2, groups=10, pre_cells=3, blocks=2, nf=0, ada_groups=True),
     "cifar10": _official("cifar10", 128, scales=1, groups=30, pre_cells=2, blocks=1, nf=1),
     "celeba_64": _official("celeba_64", 64, scales=3, groups=20, pre_cells=2, blocks=1, nf=1, ada_groups=True),
@@ -293,14 +310,13 @@ PRESETS: dict[str, NVAEConfig] = {
                       min_groups_per_scale=4, num_x_bits=5),
     # Tiny models with every part of the official ones (two scales, flows, SE, residual posteriors,
     # down/up cells): a forward and backward take tens of milliseconds on one CPU core.
-    "tiny_mnist": NVAEConfig(dataset="mnist", num_channels_enc=8, num_channels_dec=8, num_latent_scales=2,
-                             num_groups_per_scale=2, num_latent_per_group=4, num_preprocess_blocks=1,
-                             num_preprocess_cells=2, num_postprocess_blocks=1, num_postprocess_cells=2,
-                             num_cell_per_cond_enc=1, num_cell_per_cond_dec=1, num_nf=1, use_se=True,
-                             res_dist=True),
-    "tiny_cifar10": NVAEConfig(dataset="cifar10", num_channels_enc=8, num_channels_dec=8, num_latent_scales=2,
-                               num_groups_per_scale=2, num_latent_per_group=4, num_preprocess_blocks=1,
-                               num_preprocess_cells=2, num_postprocess_blocks=1, num_postprocess_cells=2,
-                               num_cell_per_cond_enc=1, num_cell_per_cond_dec=1, num_mixture_dec=3, num_nf=1,
-                               use_se=True, res_dist=True),
+    "tiny_mnist": dict(dataset="mnist", num_channels_enc=8, num_channels_dec=8, num_latent_scales=2,
+                       num_groups_per_scale=2, num_latent_per_group=4, num_preprocess_blocks=1,
+                       num_preprocess_cells=2, num_postprocess_blocks=1, num_postprocess_cells=2,
+                       num_cell_per_cond_enc=1, num_cell_per_cond_dec=1, num_nf=1, use_se=True, res_dist=True),
+    "tiny_cifar10": dict(dataset="cifar10", num_channels_enc=8, num_channels_dec=8, num_latent_scales=2,
+                         num_groups_per_scale=2, num_latent_per_group=4, num_preprocess_blocks=1,
+                         num_preprocess_cells=2, num_postprocess_blocks=1, num_postprocess_cells=2,
+                         num_cell_per_cond_enc=1, num_cell_per_cond_dec=1, num_mixture_dec=3, num_nf=1,
+                         use_se=True, res_dist=True),
 }

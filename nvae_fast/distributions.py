@@ -1,9 +1,9 @@
 """Output distributions of the decoder: p(x | z) from the logits of ``NVAE``.
 
-* :class:`DiscMixLogistic` - RGB images: a mixture of discretised logistics per pixel with
-  autoregressive channel means (PixelCNN++), ``num_bits`` bits per channel.
+* :class:`DiscMixLogistic` - RGB (or grey) images: a mixture of discretised logistics per pixel
+  with autoregressive channel means (PixelCNN++), ``num_bits`` bits per channel.
 * :class:`NormalDecoder` - a normal per pixel and channel (``num_mixture_dec == 1``).
-* ``torch.distributions.Bernoulli`` - one-channel (binary) images, as the official model returns.
+* ``torch.distributions.Bernoulli`` - binary images (MNIST), as the official model returns.
 
 Images are float in [0, 1]; the distributions work on ``2 x - 1`` in [-1, 1]. Sampling uses the
 logits' device and dtype (the official code hard-codes CUDA).
@@ -70,37 +70,43 @@ class NormalDecoder:
 
 
 class DiscMixLogistic:
-    """Mixture of ``num_mix`` discretised logistics per RGB pixel (PixelCNN++ parametrisation).
+    """Mixture of ``num_mix`` discretised logistics per pixel (PixelCNN++ parametrisation).
 
-    Logits (N, 10 M, H, W): M mixture logits, then per colour channel c (3 blocks of 3 M) the M
-    means, M log scales (clamped at -7) and M coefficients (tanh) through which G depends on R and
-    B on R and G. ``num_bits`` sets the bin width 2 / (2**num_bits - 1) on [-1, 1].
+    RGB logits (N, 10 M, H, W), the official layout: M mixture logits, then per colour channel (3
+    blocks of 3 M) the M means, M log scales (clamped at -7) and M coefficients (tanh) through
+    which G depends on R, and B on R and G. Grey logits (N, 3 M, H, W): M mixture logits, M means,
+    M log scales. ``num_bits`` sets the bin width 2 / (2**num_bits - 1) on [-1, 1].
     """
 
-    def __init__(self, logits: Tensor, num_mix: int = 10, num_bits: int = 8) -> None:
+    def __init__(self, logits: Tensor, num_mix: int = 10, num_bits: int = 8, num_channels: int = 3) -> None:
+        if num_channels not in (1, 3):
+            raise ValueError(f"DiscMixLogistic models 1 (grey) or 3 (RGB) channels, got num_channels={num_channels}")
         N, C, H, W = logits.shape
-        if C != 10 * num_mix:
-            raise ValueError(f"DiscMixLogistic with {num_mix} components needs {10 * num_mix} logit channels, "
-                             f"got {C}")
-        self.num_mix = num_mix
+        per_channel = 3 if num_channels == 3 else 2  # mean, log scale (and a coefficient for RGB)
+        if C != num_mix * (1 + num_channels * per_channel):
+            raise ValueError(f"DiscMixLogistic with {num_mix} components over {num_channels} channel(s) needs "
+                             f"{num_mix * (1 + num_channels * per_channel)} logit channels, got {C}")
+        self.num_mix, self.num_channels = num_mix, num_channels
         self.logit_probs = logits[:, :num_mix]                                  # N, M, H, W
-        params = logits[:, num_mix:].reshape(N, 3, 3 * num_mix, H, W)
-        self.means = params[:, :, :num_mix]                                     # N, 3, M, H, W
+        params = logits[:, num_mix:].reshape(N, num_channels, per_channel * num_mix, H, W)
+        self.means = params[:, :, :num_mix]                                     # N, C, M, H, W
         self.log_scales = torch.clamp(params[:, :, num_mix:2 * num_mix], min=LOG_SCALE_MIN)
-        self.coeffs = torch.tanh(params[:, :, 2 * num_mix:])
+        self.coeffs = torch.tanh(params[:, :, 2 * num_mix:]) if num_channels == 3 else None
         self.max_val = 2.0 ** num_bits - 1
 
     def _channel_means(self, x: Tensor) -> Tensor:
-        """Means (N, 3, M, H, W) given the image x in [-1, 1] (N, 3, 1, H, W)."""
+        """Means (N, C, M, H, W) given the image x in [-1, 1] (N, C, 1, H, W)."""
+        if self.coeffs is None:
+            return self.means
         r, g = x[:, 0], x[:, 1]
         mean_g = self.means[:, 1] + self.coeffs[:, 0] * r
         mean_b = self.means[:, 2] + self.coeffs[:, 1] * r + self.coeffs[:, 2] * g
         return torch.stack([self.means[:, 0], mean_g, mean_b], dim=1)
 
     def log_prob(self, x: Tensor) -> Tensor:
-        """Per-pixel log probability (N, H, W) of images x in [0, 1], summed over RGB."""
-        _check_images(x, 3)
-        x = (2 * x - 1).unsqueeze(2)                                            # N, 3, 1, H, W
+        """Per-pixel log probability (N, H, W) of images x in [0, 1], summed over the channels."""
+        _check_images(x, self.num_channels)
+        x = (2 * x - 1).unsqueeze(2)                                            # N, C, 1, H, W
         centered = x - self._channel_means(x)
         inv_scale = torch.exp(-self.log_scales)
         plus_in = inv_scale * (centered + 1.0 / self.max_val)
@@ -119,43 +125,48 @@ class DiscMixLogistic:
         log_probs = log_probs.sum(dim=1) + F.log_softmax(self.logit_probs, dim=1)   # N, M, H, W
         return torch.logsumexp(log_probs, dim=1)
 
-    def _select(self, component: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Means, log scales, coefficients (N, 3, H, W) weighted by component (N, M, H, W)."""
+    def _select(self, component: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Means, log scales, coefficients (N, C, H, W) weighted by component (N, M, H, W)."""
         w = component.unsqueeze(1)
-        return (self.means * w).sum(2), (self.log_scales * w).sum(2), (self.coeffs * w).sum(2)
+        coeffs = None if self.coeffs is None else (self.coeffs * w).sum(2)
+        return (self.means * w).sum(2), (self.log_scales * w).sum(2), coeffs
 
     @staticmethod
-    def _autoregress(x: Tensor, coeffs: Tensor) -> Tensor:
+    def _to_image(x: Tensor, coeffs: Tensor | None) -> Tensor:
+        """Clamp to [-1, 1] (RGB: adding the channel dependencies first), then map to [0, 1]."""
+        if coeffs is None:
+            return torch.clamp(x, -1, 1) / 2 + 0.5
         r = torch.clamp(x[:, 0], -1, 1)
         g = torch.clamp(x[:, 1] + coeffs[:, 0] * r, -1, 1)
         b = torch.clamp(x[:, 2] + coeffs[:, 1] * r + coeffs[:, 2] * g, -1, 1)
         return torch.stack([r, g, b], dim=1) / 2 + 0.5
 
     def sample(self, t: float = 1.0) -> Tensor:
-        """Images in [0, 1] (N, 3, H, W): a Gumbel-max pick of the component (logits / t), then
+        """Images in [0, 1] (N, C, H, W): a Gumbel-max pick of the component (logits / t), then
         a logistic draw with scale / t (not rounded to the bins)."""
         gumbel = -torch.log(-torch.log(torch.empty_like(self.logit_probs).uniform_(UNIFORM_EPS, 1 - UNIFORM_EPS)))
         pick = torch.argmax(self.logit_probs / t + gumbel, dim=1)
         one_hot = F.one_hot(pick, self.num_mix).permute(0, 3, 1, 2).to(self.means.dtype)
         means, log_scales, coeffs = self._select(one_hot)
         x = means + torch.exp(log_scales) / t * _logistic_noise(means)
-        return self._autoregress(x, coeffs)
+        return self._to_image(x, coeffs)
 
     def mean(self) -> Tensor:
         """Images in [0, 1]: the component means weighted by the mixture probabilities."""
         means, _, coeffs = self._select(torch.softmax(self.logit_probs, dim=1))
-        return self._autoregress(means, coeffs)
+        return self._to_image(means, coeffs)
 
 
-def decoder_output(logits: Tensor, kind: str, num_mix: int = 10, num_bits: int = 8
+def decoder_output(logits: Tensor, kind: str, num_mix: int = 10, num_bits: int = 8, num_channels: int = 3
                    ) -> Bernoulli | NormalDecoder | DiscMixLogistic:
-    """The output distribution ``kind`` ('bernoulli', 'normal', 'logistic_mixture') of ``logits``."""
+    """The output distribution ``kind`` ('bernoulli', 'normal', 'logistic_mixture') of ``logits``
+    for images of ``num_channels`` channels."""
     if kind == "bernoulli":
         return Bernoulli(logits=logits)
     if kind == "normal":
         return NormalDecoder(logits, num_bits=num_bits)
     if kind == "logistic_mixture":
-        return DiscMixLogistic(logits, num_mix, num_bits=num_bits)
+        return DiscMixLogistic(logits, num_mix, num_bits=num_bits, num_channels=num_channels)
     raise ValueError(f"kind must be 'bernoulli', 'normal' or 'logistic_mixture', got {kind!r}")
 
 

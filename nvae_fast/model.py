@@ -28,7 +28,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from nvae_fast import distributions
 from nvae_fast.config import CHANNEL_MULT, NVAEConfig
-from nvae_fast.nn.cells import Cell, DecCombinerCell, EncCombinerCell, make_cell
+from nvae_fast.nn.cells import DecCombinerCell, EncCombinerCell, make_cell
 from nvae_fast.nn.conv import Conv2D
 from nvae_fast.nn.flows import ARConv2d, PairedARFlow
 from nvae_fast.ops.normal_kl import GroupKL, flow_kl, normal_kl, normal_sample
@@ -317,12 +317,13 @@ class NVAE(nn.Module):
         return self._decode(num_samples, latent)
 
     def decoder_output(self, logits: Tensor):
-        """The output distribution p(x | z) of ``logits``: ``torch.distributions.Bernoulli`` for
-        one-channel images, else :class:`nvae_fast.distributions.NormalDecoder`
-        (``num_mixture_dec == 1``) or :class:`nvae_fast.distributions.DiscMixLogistic`. Each has
-        ``log_prob(x)`` and ``sample(t)``/``mean()`` (Bernoulli: ``.mean``)."""
+        """The output distribution p(x | z) of ``logits`` (``config.output_distribution``):
+        ``torch.distributions.Bernoulli``, :class:`nvae_fast.distributions.NormalDecoder` or
+        :class:`nvae_fast.distributions.DiscMixLogistic`. Each has ``log_prob(x)`` and
+        ``sample(t)``/``mean()`` (Bernoulli: ``.mean``)."""
         c = self.config
-        return distributions.decoder_output(logits, c.output_distribution, c.num_mixture_dec, c.num_x_bits)
+        return distributions.decoder_output(logits, c.output_distribution, c.num_mixture_dec, c.num_x_bits,
+                                            c.in_channels)
 
     @torch.no_grad()
     def readjust_bn(self, num_samples: int = 16, t: float = 1.0, iterations: int = 500) -> None:

@@ -40,8 +40,19 @@ def test_dataset_sets_size_channels_crop_and_output():
         32, 3, False, "logistic_mixture")
     assert cifar.output_channels == 100 and mnist.output_channels == 1
     assert celeba.image_size == 256
-    normal = NVAEConfig.preset("cifar10", num_mixture_dec=1)
+    normal = NVAEConfig.preset("cifar10", num_mixture_dec=1)  # overrides derive the None fields again
     assert (normal.output_distribution, normal.output_channels) == ("normal", 6)
+    assert NVAEConfig.preset("cifar10", dataset="celeba_64").image_size == 64
+
+
+def test_output_distribution_of_other_datasets():
+    grey = NVAEConfig(dataset="digits", image_size=8, in_channels=1, num_preprocess_blocks=1,
+                      num_postprocess_blocks=1, num_mixture_dec=4)
+    assert (grey.output_distribution, grey.output_channels, grey.crop_output) == ("logistic_mixture", 12, False)
+    binary = NVAEConfig(dataset="digits", image_size=8, in_channels=1, num_preprocess_blocks=1,
+                        num_postprocess_blocks=1, output_distribution="bernoulli")
+    assert binary.output_channels == 1
+    assert NVAEConfig(dataset="cifar10", output_distribution="normal").output_channels == 6
 
 
 def test_groups_per_scale():
@@ -73,6 +84,7 @@ def test_namespace_missing_a_model_option_is_rejected():
     NVAEConfig(dataset="faces", image_size=16, in_channels=3, num_preprocess_blocks=1, num_postprocess_blocks=1,
                arch_instance="mbconv_den"),
     NVAEConfig.preset("mnist", crop_output=False),
+    NVAEConfig.preset("cifar10", output_distribution="normal"),
 ], ids=lambda c: f"{c.dataset}-{c.arch_instance}-{c.image_size}")
 def test_namespace_round_trip(config):
     args = config.to_namespace()
@@ -105,13 +117,14 @@ def test_every_official_architecture_is_known():
     (dict(num_nf=-1), "num_nf must be a non-negative integer"),
     (dict(use_se=1), "use_se must be a bool"),
     (dict(num_x_bits=9), "num_x_bits must be at most 8"),
-    (dict(in_channels=2), "logistic mixture output models RGB"),
+    (dict(in_channels=2), "models grey \\(1 channel\\) or RGB"),
+    (dict(output_distribution="gaussian"), "output_distribution must be one of"),
     (dict(num_postprocess_blocks=2), "num_postprocess_blocks must equal num_preprocess_blocks"),
     (dict(arch_instance="mbconv_den", num_channels_enc=20), "divisible by 8"),
 ])
 def test_invalid_configs_are_rejected(overrides, message):
     base = dataclasses.asdict(NVAEConfig.preset("cifar10"))
-    base.update(image_size=None, in_channels=None, crop_output=None)
+    base.update(image_size=None, in_channels=None, crop_output=None, output_distribution=None)
     base.update(overrides)
     with pytest.raises(ValueError, match=message):
         NVAEConfig(**base)

@@ -71,6 +71,16 @@ def test_forward_backward_sample_every_architecture(arch, flows_and_se):
     assert images.shape == x.shape and images.min() >= 0 and images.max() <= 1
 
 
+def test_grey_images_with_a_logistic_mixture():
+    model = _model(dataset="grey16", image_size=16, in_channels=1, num_mixture_dec=2, num_nf=0).train()
+    x = _images(model)
+    outputs = model(x)
+    assert isinstance(model.decoder_output(outputs[0]), DiscMixLogistic) and outputs[0].shape == (BATCH, 6, 16, 16)
+    _loss(model, outputs, x).backward()
+    samples = model.decoder_output(model.eval().sample(BATCH, 1.0)).sample()
+    assert samples.shape == x.shape
+
+
 def test_mnist_output_is_bernoulli_and_cropped():
     model = _model("tiny_mnist").eval()
     x = _images(model)
@@ -96,14 +106,16 @@ def test_output_distributions():
     assert out.mean().shape == out.sample().shape == x.shape
 
 
-@pytest.mark.parametrize("num_bits", [1, 2])
-def test_disc_mix_logistic_sums_to_one_over_all_images(num_bits):
-    """A pixel's probabilities over every RGB value of the 2**num_bits levels sum to 1."""
+@pytest.mark.parametrize("channels, num_bits", [(3, 1), (3, 2), (1, 4)])
+def test_disc_mix_logistic_sums_to_one_over_all_images(channels, num_bits):
+    """A pixel's probabilities over every value of the 2**num_bits levels per channel sum to 1."""
     levels = torch.arange(2 ** num_bits, dtype=torch.float64) / (2 ** num_bits - 1)
-    grid = torch.cartesian_prod(levels, levels, levels)                          # (L^3, 3)
-    x = grid.view(-1, 3, 1, 1)
-    logits = torch.randn(1, 30, 1, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    dist = DiscMixLogistic(logits.expand(x.shape[0], -1, -1, -1), num_mix=3, num_bits=num_bits)
+    grid = torch.cartesian_prod(*[levels] * channels) if channels > 1 else levels[:, None]   # (L^C, C)
+    x = grid.view(-1, channels, 1, 1)
+    logits = torch.randn(1, 30 if channels == 3 else 9, 1, 1, dtype=torch.float64,
+                         generator=torch.Generator().manual_seed(2))
+    dist = DiscMixLogistic(logits.expand(x.shape[0], -1, -1, -1), num_mix=3, num_bits=num_bits,
+                           num_channels=channels)
     total = dist.log_prob(x).exp().sum()
     assert abs(total.item() - 1) < 1e-6
     assert 0 <= dist.mean().min() and dist.mean().max() <= 1
