@@ -277,7 +277,7 @@ class Cell(nn.Module):
                  use_se: bool) -> None:
         super().__init__()
         self.cell_type = cell_type
-        resample = resample_of(cell_type)
+        self.resample = resample = resample_of(cell_type)
         self.skip = make_skip(c_in, resample)
         self._ops = nn.ModuleList(
             OPS[name](c_in if i == 0 else c_out, c_out, resample if i == 0 else "same") for i, name in enumerate(ops))
@@ -295,10 +295,11 @@ class Cell(nn.Module):
 
 
 class InvertedResidualCell(Cell):
-    """A cell whose branch is one depthwise inverted-residual block (``mconv_e{E}k{K}g0``): the
-    decoder's hot path (cell types normal_dec, up_dec, normal_post, up_post).
+    """A cell whose branch is one depthwise inverted-residual block (``mconv_e{E}k{K}g0``).
 
-    Parameters keep the official structure: ``skip``, ``_ops.0`` (an :class:`InvertedResidual`:
+    The decoder's cells (cell types normal_dec, up_dec, normal_post, up_post) are the model's hot
+    path; the mbconv architectures also use this class in the encoder (``resample == 'down'``
+    there for down cells, whose skip is a FactorizedReduce). Parameters keep the official structure: ``skip``, ``_ops.0`` (an :class:`InvertedResidual`:
     BN0, expand 1x1 conv, BN1+Swish, depthwise conv, BN2+Swish, project 1x1 conv, BN3) and ``se``.
     The forward below is the eager composition of those modules, the reference a fused op must equal.
     """
