@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--quick", action="store_true", help="few repetitions, smallest shape: a smoke run")
     parser.add_argument("--out", type=Path, default=None,
-                        help="JSON path (default: benchmarks/results/ for full GPU runs, benchmarks/scratch/ otherwise)")
+                        help="JSON path (default: benchmarks/results/ for full GPU runs, else benchmarks/scratch/)")
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

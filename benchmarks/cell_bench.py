@@ -51,11 +51,13 @@ from preset_shapes import PRESET_BATCH, CellShape, LatentShape, model_shapes  # 
 import nvae_fast  # noqa: E402
 from nvae_fast import NVAEConfig, backend  # noqa: E402
 from nvae_fast.nn.cells import make_cell  # noqa: E402
-from nvae_fast.ops.normal_kl import flow_kl, flow_kl_ref, normal_kl, normal_kl_ref, normal_sample, normal_sample_ref  # noqa: E402,E501
+from nvae_fast.ops.normal_kl import (  # noqa: E402
+    flow_kl, flow_kl_ref, normal_kl, normal_kl_ref, normal_sample, normal_sample_ref)
 
 GPU_PRESETS = ("cifar10", "celeba_64", "celeba_256")
 CPU_PRESETS = ("tiny_cifar10",)
 KINDS = ("dec_e6", "dec_e3", "enc_bnswish", "kl", "kl_flow")
+CELL_TYPES = ("normal_pre", "down_pre", "normal_enc", "down_enc", "normal_dec", "up_dec", "up_post", "normal_post")
 CELL_KINDS = {("mconv_e6k5g0",): "dec_e6", ("mconv_e3k5g0",): "dec_e3", ("res_bnswish", "res_bnswish"): "enc_bnswish"}
 
 
@@ -304,13 +306,16 @@ def measure(w: Workload, impl: str, dtype: torch.dtype, memory_format: torch.mem
 
 
 def _with_speedups(rows: list[dict[str, Any]]) -> None:
-    """Adds ``speedup`` (eager forward+backward time over this row's) to the timed rows."""
+    """Adds to the timed rows ``speedup`` (eager forward+backward time over this row's) and
+    ``model_ms`` (count x forward+backward: this shape's share of a training step)."""
     eager = {(r["preset"], r["kind"], r["cell_type"], r["shape"], r["dtype"]): r.get("fwd_bwd_ms")
              for r in rows if r["impl"] == "eager"}
     for r in rows:
         base = eager.get((r["preset"], r["kind"], r["cell_type"], r["shape"], r["dtype"]))
         if base and r.get("fwd_bwd_ms"):
             r["speedup"] = base / r["fwd_bwd_ms"]
+        if r.get("fwd_bwd_ms"):
+            r["model_ms"] = r["count"] * r["fwd_bwd_ms"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -322,15 +327,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--presets", type=harness.csv_choices(list(PRESET_BATCH)),
                         help=f"model presets whose shapes to run (default: {','.join(GPU_PRESETS)} on a GPU, "
                              f"{','.join(CPU_PRESETS)} on a CPU)")
-    parser.add_argument("--cells", type=harness.csv_choices(KINDS), default=list(KINDS), help="workloads (default: all)")
-    parser.add_argument("--cell-types", type=harness.csv_choices(["normal_pre", "down_pre", "normal_enc", "down_enc", "normal_dec",
-                                                   "up_dec", "up_post", "normal_post"]),
+    parser.add_argument("--cells", type=harness.csv_choices(KINDS), default=list(KINDS),
+                        help="workloads (default: all)")
+    parser.add_argument("--cell-types", type=harness.csv_choices(CELL_TYPES),
                         help="keep only cells of these official cell types (default: all)")
     parser.add_argument("--batch", type=int, help="batch size for every preset (default: the preset's own)")
     parser.add_argument("--dtypes", type=harness.csv_choices(tuple(harness.DTYPES)), default=["bf16", "fp32"],
                         help="bf16 runs under torch.autocast with fp32 parameters, as training does")
-    parser.add_argument("--impls", type=harness.csv_choices(harness.IMPLS), help=f"default: all ({','.join(harness.IMPLS)}); "
-                                                                  "--quick leaves out torch.compile unless named")
+    parser.add_argument("--impls", type=harness.csv_choices(harness.IMPLS),
+                        help=f"default: all ({','.join(harness.IMPLS)}); --quick leaves out torch.compile unless named")
     parser.add_argument("--memory-format", choices=["channels_last", "contiguous"], default="channels_last")
     parser.add_argument("--reps", type=int, default=100, help="timed repetitions (the median is reported)")
     parser.add_argument("--warmup", type=int, default=20)
@@ -383,9 +388,9 @@ def main(argv: list[str] | None = None) -> int:
     _with_speedups(rows)
 
     print(harness.format_report(rows, ["preset", "kind", "cell_type", "shape", "count", "dtype", "impl", "fwd_ms",
-                                       "fwd_bwd_ms", "speedup", "GBs_fwd_bwd", "pct_floor_fwd_bwd", "peak_mem_MB",
-                                       "saved_MB", "status"]))
-    json_path, png_path = harness.output_paths("cell_bench", device, args.quick, args.out)
+                                       "fwd_bwd_ms", "speedup", "model_ms", "GBs_fwd_bwd", "pct_floor_fwd_bwd",
+                                       "peak_mem_MB", "saved_MB", "status"]))
+    json_path, png_path = harness.output_paths("cell_bench", device, args.quick, args.out, "+".join(presets))
     harness.write_json(json_path, {
         "benchmark": "cell_bench", "environment": env, "backends": backend.status(), "copy_GBs": copy_gbs,
         "quick": args.quick, "reps": reps, "warmup": warmup, "memory_format": args.memory_format,

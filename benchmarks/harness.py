@@ -314,16 +314,17 @@ def dispatch_verdict(impl: str, chosen: dict[str, str]) -> str | None:
     return None
 
 
-def output_paths(bench: str, device: torch.device, quick: bool, out: Path | None) -> tuple[Path, Path]:
+def output_paths(bench: str, device: torch.device, quick: bool, out: Path | None, tag: str = "") -> tuple[Path, Path]:
     """The JSON and PNG paths of a run: ``out`` (PNG beside it) if given, else
-    ``results/<bench>_<gpu>.json`` for a full GPU run and ``scratch/<bench>_<cpu|quick>.json``
-    otherwise, so CPU and smoke runs never land among the committed GPU results."""
+    ``results/<bench>_<tag>_<gpu>.json`` for a full GPU run and
+    ``scratch/<bench>_<tag>_<quick|full>_<device>.json`` otherwise, so CPU and smoke runs never
+    land among the committed GPU results."""
     if out is None:
+        name = f"{bench}_{tag}" if tag else bench
         if device.type == "cuda" and not quick:
-            slug = torch.cuda.get_device_name(device).replace(" ", "_")
-            out = RESULTS_DIR / f"{bench}_{slug}.json"
+            out = RESULTS_DIR / f"{name}_{torch.cuda.get_device_name(device).replace(' ', '_')}.json"
         else:
-            out = SCRATCH_DIR / f"{bench}_{'quick' if quick else 'cpu'}_{device.type}.json"
+            out = SCRATCH_DIR / f"{name}_{'quick' if quick else 'full'}_{device.type}.json"
     return out, out.with_suffix(".png")
 
 

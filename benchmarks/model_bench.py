@@ -271,14 +271,16 @@ def main(argv: list[str] | None = None) -> int:
     print(harness.format_report(rows, ["preset", "batch", "dtype", "impl", "forward_ms", "backward_ms",
                                        "optimizer_ms", "step_ms", "speedup", "samples_per_s", "peak_mem_MB",
                                        "images_per_s", "sample_peak_mem_MB", "status"]))
-    json_path, png_path = harness.output_paths("model_bench", device, args.quick, args.out)
+    json_path, png_path = harness.output_paths("model_bench", device, args.quick, args.out, "+".join(presets))
     harness.write_json(json_path, {
         "benchmark": "model_bench", "environment": env, "backends": backend.status(), "quick": args.quick,
         "reps": reps, "warmup": warmup, "memory_format": args.memory_format, "temperature": args.temperature,
-        "presets": {p: {"batch": args.batch or PRESET_BATCH[p], "config": dataclasses.asdict(NVAEConfig.preset(p))} for p in presets},
+        "presets": {p: {"batch": args.batch or PRESET_BATCH[p], "config": dataclasses.asdict(NVAEConfig.preset(p))}
+                    for p in presets},
         "results": rows})
     harness.plot_bars(png_path, rows, ["preset", "batch", "dtype"], "impl",
-                      [("step_ms", "training step, median ms"), ("images_per_s", f"sampling, images/s (t={args.temperature})")],
+                      [("step_ms", "training step, median ms"),
+                       ("images_per_s", f"sampling, images/s (t={args.temperature})")],
                       title=f"NVAE presets - {env['device']}")
     print(f"wrote {json_path} and {png_path}")
     return 1 if any(r["status"].startswith("failed") for r in rows) else 0
