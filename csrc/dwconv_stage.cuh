@@ -30,6 +30,7 @@ namespace nvae {
 namespace dw {
 
 constexpr int kThreads = 256;
+constexpr int kMinBlocks = 2;  // per SM: a register budget (128 per thread) stated, not guessed by ptxas
 constexpr int kWarps = kThreads / 32;
 constexpr int kSlice = 32;                  // channels per block, one per lane
 constexpr int kRun = 4;                     // outputs per thread along a row
@@ -255,15 +256,32 @@ __device__ __forceinline__ void store_tile(bool vec, const float* buf, int rows,
   }
 }
 
-// The lane's K x K filter in registers, weight laid out tap-major: weight[(ky * K + kx) * C + c].
-// Lanes past C read channel C - 1 (their results are never stored).
+// The lane's K x K filter, weight laid out tap-major: weight[(ky * K + kx) * C + c]. Up to 7 x 7
+// it lives in registers; an 11 x 11 filter (121 registers) is read a row at a time through the
+// read-only cache instead, in a loop over rows that is not unrolled, which keeps the kernel
+// within its register budget. Lanes past C read
+// channel C - 1 (their results are never stored).
 template <int K>
 struct Filter {
-  float tap[K * K];
-  __device__ __forceinline__ Filter(const float* __restrict__ weight, int64_t C, int64_t c) {
-    const int64_t cc = c < C ? c : C - 1;
+  static constexpr bool kInRegisters = K <= 7;
+  // Filter rows are unrolled only from registers: unrolled, the 11 x 11 loads would be hoisted
+  // into registers all the same.
+  static constexpr int kRowUnroll = kInRegisters ? K : 1;
+  float tap[kInRegisters ? K * K : 1];
+  const float* __restrict__ column;  // weight + c: tap t at column[t * C]
+  int64_t C;
+
+  __device__ __forceinline__ Filter(const float* __restrict__ weight, int64_t C_, int64_t c)
+      : column(weight + (c < C_ ? c : C_ - 1)), C(C_) {
+    if constexpr (kInRegisters) {
 #pragma unroll
-    for (int t = 0; t < K * K; ++t) tap[t] = weight[t * C + cc];
+      for (int t = 0; t < K * K; ++t) tap[t] = column[t * C];
+    }
+  }
+
+  __device__ __forceinline__ void row(int ky, float (&out)[K]) const {
+#pragma unroll
+    for (int kx = 0; kx < K; ++kx) out[kx] = kInRegisters ? tap[ky * K + kx] : __ldg(column + (ky * K + kx) * C);
   }
 };
 
@@ -285,7 +303,7 @@ struct TileIndex {
 // Grid: n * tiles_y * tiles_x * cblocks blocks of kThreads. Writes c and Welford partials
 // partials[(tile * 3 + {count, mean, m2}) * C + c] of the fp32 (unrounded) outputs.
 template <typename T, int K, int S>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
     forward_kernel(Geometry g, const T* __restrict__ a, const float* __restrict__ scale,
                    const float* __restrict__ shift, const float* __restrict__ weight, T* __restrict__ out,
                    float* __restrict__ partials, bool vec) {
@@ -308,8 +326,10 @@ __global__ void __launch_bounds__(kThreads)
   for (int seg = warp; seg < g.th * segs_x; seg += kWarps) {
     const int sy = seg / segs_x, sx = seg - sy * segs_x;
     float acc[kRun] = {};
-#pragma unroll
+#pragma unroll Filter<K>::kRowUnroll
     for (int ky = 0; ky < K; ++ky) {
+      float taps[K];
+      f.row(ky, taps);
       const float* row = win + ((sy * S + ky) * g.win_w + sx * kRun * S) * kSlice + lane;
 #pragma unroll
       for (int m = 0; m < S * (kRun - 1) + K; ++m) {
@@ -317,7 +337,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int r = 0; r < kRun; ++r) {
           const int kx = m - S * r;
-          if (kx >= 0 && kx < K) acc[r] = fmaf(f.tap[ky * K + kx], v, acc[r]);
+          if (kx >= 0 && kx < K) acc[r] = fmaf(taps[kx], v, acc[r]);
         }
       }
     }
@@ -357,7 +377,7 @@ __global__ void __launch_bounds__(kThreads)
 // a thread are 2 x 2kRun conv-input positions, summed per 2 x 2 block. Grid as forward_kernel.
 // Writes g and partials[(tile * 2 + {sum g, sum g * (a - mean)}) * C + c] of the fp32 g.
 template <typename T, int K, int S, int U>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
     input_grad_kernel(Geometry g, const T* __restrict__ dc, const T* __restrict__ a,
                       const float* __restrict__ scale, const float* __restrict__ shift,
                       const float* __restrict__ mean_a, const float* __restrict__ weight, T* __restrict__ g_out,
@@ -393,7 +413,7 @@ __global__ void __launch_bounds__(kThreads)
     float acc[kRun] = {};
 #pragma unroll
     for (int dy = 0; dy < U; ++dy) {
-#pragma unroll
+#pragma unroll Filter<K>::kRowUnroll
       for (int ky = 0; ky < K; ++ky) {
         int row;
         if constexpr (S == 1) {
@@ -403,6 +423,8 @@ __global__ void __launch_bounds__(kThreads)
           if (t & 1) continue;
           row = static_cast<int>((t >> 1) - wy0);
         }
+        float taps[K];
+        f.row(ky, taps);
         const float* rp = win + (row * g.win_w + (S == 1 ? sx * kRun * U : sx * kRun / 2)) * kSlice + lane;
 #pragma unroll
         for (int m = 0; m < kCols; ++m) {
@@ -412,7 +434,7 @@ __global__ void __launch_bounds__(kThreads)
             // Column j of the run (conv-input column i = U * (lx0 + sx * kRun) + j) meets window
             // column m through tap kx: S = 1: m = j + 2P - kx;  S = 2: m = (j + P - kx) / 2 + (P + 1) / 2.
             const int kx = S == 1 ? j + 2 * P - m : j + P - 2 * (m - (P + 1) / 2);
-            if (kx >= 0 && kx < K) acc[j / U] = fmaf(f.tap[ky * K + kx], v, acc[j / U]);
+            if (kx >= 0 && kx < K) acc[j / U] = fmaf(taps[kx], v, acc[j / U]);
           }
         }
       }
@@ -453,7 +475,7 @@ __global__ void __launch_bounds__(kThreads)
 // [chunk * tiles_per_chunk, +tiles_per_chunk) for tap rows [group * kTapRows, +kTapRows) and writes
 // partials[(chunk * K * K + ky * K + kx) * C + c].
 template <typename T, int K, int S>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
     weight_grad_kernel(Geometry g, const T* __restrict__ dc, const T* __restrict__ a,
                        const float* __restrict__ scale, const float* __restrict__ shift,
                        float* __restrict__ partials, int64_t tiles_per_chunk, bool vec) {

@@ -19,6 +19,7 @@ namespace {
 constexpr int kLanes = 32;
 constexpr int kRows = 8;
 constexpr int kThreads = kLanes * kRows;
+constexpr int kMinBlocks = 2;  // per SM: a register budget (128) the kernels fit without spilling
 constexpr float kHalfLog2Pi = 0.91893853320467274f;
 constexpr float kSigmaMin = 0.01f;
 
@@ -212,7 +213,7 @@ __device__ __forceinline__ void element(const NormalKLArgs& a, int64_t n, int64_
 // ws_c[(n * hblocks + hb) * C + c] (kl over the block's positions) and
 // ws_n[((cb * hblocks + hb) * 3 + {kl, log_q, log_p}) * N + n] (over the block's elements).
 template <typename T, Mode M, bool kChannelFast>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
     normal_kl_kernel(NormalKLArgs a, int64_t cblocks, int64_t hblocks, int64_t hw_per_block, float* __restrict__ ws_c,
                      float* __restrict__ ws_n) {
   const int tx = threadIdx.x, ty = threadIdx.y;

@@ -32,6 +32,11 @@ void __syncthreads();
 
 inline float __expf(float x) { return std::exp(x); }
 
+template <typename T>
+inline T __ldg(const T* p) {
+  return *p;
+}
+
 namespace nvae {
 
 float* shared_floats();

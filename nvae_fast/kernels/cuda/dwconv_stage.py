@@ -30,11 +30,8 @@ def output_size(h: int, w: int, k: int, stride: int, upsample: bool) -> tuple[in
 def _check_activation(name: str, t: Tensor, a: Tensor | None = None, shape: tuple[int, ...] | None = None) -> None:
     if not isinstance(t, Tensor) or t.dim() != 4:
         raise ValueError(f"{name} must be a 4-D tensor (N, C, H, W), got {getattr(t, 'shape', type(t))}")
-    if a is not None:
-        if t.device != a.device:
-            raise ValueError(f"{name} is on {t.device} but a is on {a.device}")
-        if t.dtype != a.dtype:
-            raise TypeError(f"{name} must have a's dtype {a.dtype}, got {t.dtype}")
+    if a is not None and t.dtype != a.dtype:
+        raise TypeError(f"{name} must have a's dtype {a.dtype}, got {t.dtype}")
     if shape is not None and tuple(t.shape) != shape:
         raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
     if min(t.shape) == 0:
@@ -50,8 +47,8 @@ def _channels_last_strides(shape: torch.Size) -> tuple[int, int, int, int]:
 
 
 def _check_stage(a: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, stride: int, upsample: bool,
-                 mean_a: Tensor | None = None) -> int:
-    """Validates the stage's common arguments; returns the kernel size."""
+                 mean_a: Tensor | None = None, dc: Tensor | None = None) -> int:
+    """Validates every argument (layouts, shapes and dtypes first, devices last); returns K."""
     _check_activation("a", a)
     if a.dtype not in common.DTYPE_CODES:
         raise TypeError(f"a must be float32, float16 or bfloat16 for the cuda backend, got {a.dtype}")
@@ -73,9 +70,13 @@ def _check_stage(a: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, stride
         raise ValueError(f"stride must be 1 or 2, got {stride}")
     if upsample and stride != 1:
         raise ValueError("upsample requires stride 1 (stride 2 with upsample is not a cell of NVAE)")
+    if dc is not None:
+        N, C, H, W = a.shape
+        _check_activation("dc", dc, a, (N, C, *output_size(H, W, k, stride, upsample)))
     common.check_cuda_tensors("a", a, **per_channel)  # a on a CUDA device, fp32 contiguous params beside it
-    if weight.device != a.device:
-        raise ValueError(f"weight is on {weight.device} but a is on {a.device}")
+    for name, t in (("weight", weight), ("dc", dc)):
+        if t is not None and t.device != a.device:
+            raise ValueError(f"{name} is on {t.device} but a is on {a.device}")
     return k
 
 
@@ -115,9 +116,8 @@ def dwconv_stage_backward(dc: Tensor, a: Tensor, scale: Tensor, shift: Tensor, m
     Returns (g channels-last in a's dtype = dL/d(a * scale + shift), sum_g, sum_gxmu fp32 (C,) =
     sums of g and g * (a - mean_a), dweight fp32 (C, 1, K, K)); b is recomputed from a.
     """
-    k = _check_stage(a, scale, shift, weight, stride, upsample, mean_a)
+    k = _check_stage(a, scale, shift, weight, stride, upsample, mean_a, dc)
     N, C, H, W = a.shape
-    _check_activation("dc", dc, a, (N, C, *output_size(H, W, k, stride, upsample)))
     g = torch.empty_like(a, memory_format=torch.channels_last)
     sums = torch.empty((2, C), dtype=torch.float32, device=a.device)
     dweight = torch.empty((C, 1, k, k), dtype=torch.float32, device=a.device)
