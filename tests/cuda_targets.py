@@ -15,7 +15,7 @@ from types import ModuleType
 
 import pytest
 
-from nvae_fast.kernels.cuda import common
+from nvae_fast.kernels.cuda import bn_swish, common
 
 from conftest import HAS_CUDA
 from cuda_emulation import build
@@ -42,8 +42,9 @@ def use_emulation(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
     module = _emulated_extension()
     if isinstance(module, RuntimeError):
         raise module
-    monkeypatch.setattr(common, "ext", lambda: module)
-    monkeypatch.setattr(common, "launch_context", lambda x: (0, 0))
+    for launchers in (common, bn_swish):  # bn_swish imported these names from common
+        monkeypatch.setattr(launchers, "ext", lambda: module)
+        monkeypatch.setattr(launchers, "launch_context", lambda x: (0, 0))
     monkeypatch.setattr(common, "require_cuda", lambda name, x: None)
     return module
 
