@@ -30,7 +30,7 @@ namespace nvae {
 namespace dw {
 
 constexpr int kThreads = 256;
-constexpr int kMinBlocks = 2;  // per SM: a register budget (128 per thread) stated, not guessed by ptxas
+constexpr int kMinBlocks = 2;  // blocks per SM: a stated budget of 128 registers per thread
 constexpr int kWarps = kThreads / 32;
 constexpr int kSlice = 32;                  // channels per block, one per lane
 constexpr int kRun = 4;                     // outputs per thread along a row
@@ -46,7 +46,7 @@ inline bool supported(const DwConvShape& s) {
   return s.n > 0 && s.c > 0 && s.h > 0 && s.w > 0 && k_ok && stride_ok;
 }
 
-// Rows of taps one weight-grad block accumulates in registers (kTapRows * K floats per thread).
+// Rows of taps one weight-grad block accumulates in registers (tap_rows(K) * K floats per thread).
 __host__ __device__ constexpr int tap_rows(int k) { return k <= 7 ? k : 6; }
 
 // One launch's geometry: the problem, the tile and the shared-memory layout. Passed by value.
@@ -257,15 +257,13 @@ __device__ __forceinline__ void store_tile(bool vec, const float* buf, int rows,
 }
 
 // The lane's K x K filter, weight laid out tap-major: weight[(ky * K + kx) * C + c]. Up to 7 x 7
-// it lives in registers; an 11 x 11 filter (121 registers) is read a row at a time through the
-// read-only cache instead, in a loop over rows that is not unrolled, which keeps the kernel
-// within its register budget. Lanes past C read
-// channel C - 1 (their results are never stored).
+// it lives in registers. An 11 x 11 filter (121 registers) is read a row at a time through the
+// read-only cache instead, in a loop over rows that stays rolled (unrolled, the compiler would
+// hoist all 121 loads into registers again), which keeps the kernels free of spills. Lanes past C
+// read channel C - 1 (their results are never stored).
 template <int K>
 struct Filter {
   static constexpr bool kInRegisters = K <= 7;
-  // Filter rows are unrolled only from registers: unrolled, the 11 x 11 loads would be hoisted
-  // into registers all the same.
   static constexpr int kRowUnroll = kInRegisters ? K : 1;
   float tap[kInRegisters ? K * K : 1];
   const float* __restrict__ column;  // weight + c: tap t at column[t * C]
@@ -471,8 +469,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
 
 // ---- weight gradient ---------------------------------------------------------------------------
 
-// Grid: cblocks * ceil(K / kTapRows) * chunks blocks; block (cb, tap group, chunk) sums tiles
-// [chunk * tiles_per_chunk, +tiles_per_chunk) for tap rows [group * kTapRows, +kTapRows) and writes
+// Grid: cblocks * ceil(K / KR) * chunks blocks, KR = tap_rows(K); block (cb, tap group, chunk) sums
+// tiles [chunk * tiles_per_chunk, +tiles_per_chunk) for tap rows [group * KR, +KR) and writes
 // partials[(chunk * K * K + ky * K + kx) * C + c].
 template <typename T, int K, int S>
 __global__ void __launch_bounds__(kThreads, kMinBlocks)

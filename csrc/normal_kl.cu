@@ -19,7 +19,7 @@ namespace {
 constexpr int kLanes = 32;
 constexpr int kRows = 8;
 constexpr int kThreads = kLanes * kRows;
-constexpr int kMinBlocks = 2;  // per SM: a register budget (128) the kernels fit without spilling
+constexpr int kMinBlocks = 2;  // blocks per SM: a stated budget of 128 registers per thread
 constexpr float kHalfLog2Pi = 0.91893853320467274f;
 constexpr float kSigmaMin = 0.01f;
 
