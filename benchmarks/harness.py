@@ -20,6 +20,7 @@ import os
 import platform
 import statistics
 import subprocess
+import textwrap
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -338,11 +339,12 @@ def plot_bars(path: Path, rows: list[dict[str, Any]], case_keys: Sequence[str], 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = [r for r in rows if any(r.get(key) is not None for key, _ in panels)]
     cases = list(dict.fromkeys(tuple(r[k] for k in case_keys) for r in rows))
     series = list(dict.fromkeys(r[series_key] for r in rows))
     width = 0.8 / max(len(series), 1)
     fig, axes = plt.subplots(len(panels), 1, squeeze=False,
-                             figsize=(max(6.0, 0.3 * len(cases) * len(series) + 2), 1 + 3.5 * len(panels)))
+                             figsize=(max(6.0, len(cases) * max(0.9, 0.3 * len(series)) + 1.5), 1 + 3.5 * len(panels)))
     for ax, (value_key, ylabel) in zip(axes[:, 0], panels):
         values = {tuple(r[k] for k in case_keys) + (r[series_key],): r[value_key] for r in rows
                   if r.get(value_key) is not None}
@@ -358,7 +360,7 @@ def plot_bars(path: Path, rows: list[dict[str, Any]], case_keys: Sequence[str], 
         ax.set_ylabel(ylabel)
         if values:
             ax.legend(fontsize=7)
-    axes[0, 0].set_title(title, fontsize=9)
+    axes[0, 0].set_title(textwrap.fill(title, 100), fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
