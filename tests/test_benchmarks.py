@@ -141,5 +141,5 @@ def test_model_bench_quick(bench, tmp_path):
         assert all(row[f"{phase}_ms"] > 0 for phase in model_bench.PHASES)
         assert set(row["times_ms"]) == {*model_bench.PHASES, "total"} and len(row["times_ms"]["total"]) == 2
         assert row["samples_per_s"] > 0 and row["images_per_s"] > 0 and row["sample_batch"] == 8
-        assert row["dispatch"] == {f"bn_swish[{row['dtype']}]": "torch"}
+        assert f"bn_swish[{row['dtype']}]" in row["dispatch"] and set(row["dispatch"].values()) == {"torch"}
     assert Image.open(out.with_suffix(".png")).size[0] > 0
