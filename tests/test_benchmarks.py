@@ -75,6 +75,20 @@ def test_record_dispatch_reports_the_backend_that_ran(bench):
     assert harness.dispatch_verdict("triton", {"a": "triton", "b": "torch"}) is None
 
 
+@pytest.mark.parametrize("kind, shape", [
+    ("enc_bnswish", ("normal_enc", ("res_bnswish", "res_bnswish"), 2, 4, 4, 5, 5, True, 1)),
+    ("dec_e6", ("normal_dec", ("mconv_e6k5g0",), 2, 4, 4, 5, 5, True, 1)),
+])
+def test_a_fast_backend_row_runs_that_backend(bench, kind, shape):
+    """The benchmarks never time Triton's CPU interpreter; driven directly here, a triton row shows
+    that the cell's fused ops ran on triton and nothing fell back."""
+    cell_bench, preset_shapes = bench("cell_bench"), bench("preset_shapes")
+    workload = cell_bench.Workload("test", kind, preset_shapes.CellShape(*shape))
+    row = cell_bench.measure(workload, "triton", torch.float32, torch.channels_last, reps=1, warmup=0,
+                             device=torch.device("cpu"), copy_gbs=None)
+    assert row["status"] == "timed" and row["dispatch"] and set(row["dispatch"].values()) == {"triton"}
+
+
 def test_cpu_and_quick_runs_never_land_in_results(bench):
     harness = bench("harness")
     for quick in (False, True):
