@@ -14,6 +14,7 @@ timing of a training step (:func:`measure_phases`), where results go (:func:`out
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -223,8 +224,6 @@ def copy_bandwidth_gbs(device: torch.device, nbytes: int = 1 << 30) -> float | N
 def csv_choices(choices: Sequence[str]) -> Callable[[str], list[str]]:
     """An argparse type: a comma-separated, non-empty subset of ``choices``."""
     def parse(text: str) -> list[str]:
-        import argparse
-
         items = [t for t in text.split(",") if t]
         bad = [t for t in items if t not in choices]
         if bad or not items:
@@ -300,10 +299,10 @@ def record_dispatch() -> Iterator[dict[str, str]]:
 
 
 def dispatch_verdict(impl: str, chosen: dict[str, str]) -> str | None:
-    """For a fast-backend run, None if every fused op ran on ``impl``; else what ran instead.
+    """Why a fast-backend row must not be timed, or None.
 
-    Returns a reason to skip the row when no op ran on ``impl`` at all (timing it would time
-    another backend under this one's name); a partial fallback is kept and labelled by the caller.
+    A row is skipped when no fused op ran on ``impl`` (timing it would time another backend under
+    this one's name); a partial fallback is timed, and the caller labels which ops ran elsewhere.
     """
     if impl not in ("triton", "cuda"):
         return None
