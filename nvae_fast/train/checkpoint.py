@@ -68,21 +68,22 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> None:
         raise
 
 
-def load_file(path: str | os.PathLike, *, weights_only: bool = True) -> Any:
-    """``torch.load`` on the CPU with one clear ``InputError`` for a missing or corrupt file."""
+def load_file(path: str | os.PathLike, *, mmap: bool = False) -> Any:
+    """``torch.load(weights_only=True)`` on the CPU with one clear ``InputError`` for a missing or
+    corrupt file; ``mmap`` maps tensors lazily instead of reading them."""
     path = Path(path)
     if not path.is_file():
         raise MissingPathError(f"{path}: checkpoint does not exist")
     try:
-        return torch.load(path, map_location="cpu", weights_only=weights_only)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InputError(f"{path}: not a readable checkpoint ({first})") from e
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+def load_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[str, Any]:
     """A training checkpoint written by ``save_atomic`` of this package's state, validated."""
-    ckpt = load_file(path)
+    ckpt = load_file(path, mmap=mmap)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise InputError(f"{path}: not an nvae_fast training checkpoint (expected format {FORMAT!r})")
     missing = [k for k in ("model", "optimizer", "scheduler", "step", "epoch", "epoch_step", "config", "rng")
