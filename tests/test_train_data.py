@@ -12,6 +12,7 @@ import torch
 from nvae_fast.train.datasets import build_datasets, detect_format, read_idx
 from nvae_fast.train.errors import InputError, MissingPathError
 from nvae_fast.train.loaders import EpochSampler, make_loader, quantize
+from train_fixtures import idx_bytes, write_mnist
 
 
 def _rng():
@@ -20,26 +21,9 @@ def _rng():
 
 # ----------------------------------------------------------------------------- MNIST IDX
 
-def _idx_bytes(images: np.ndarray) -> bytes:
-    header = bytes([0, 0, 0x08, images.ndim]) + np.asarray(images.shape, dtype=">u4").tobytes()
-    return header + images.astype(np.uint8).tobytes()
-
-
-def _write_mnist(root, n_train=6, n_test=3, gz=True):
-    imgs = {"train": _rng().integers(0, 256, (n_train, 28, 28)), "t10k": _rng().integers(0, 256, (n_test, 28, 28))}
-    for split, arr in imgs.items():
-        name = f"{split}-images-idx3-ubyte"
-        data = _idx_bytes(arr)
-        if gz:
-            (root / (name + ".gz")).write_bytes(gzip.compress(data))
-        else:
-            (root / name).write_bytes(data)
-    return imgs
-
-
 @pytest.mark.parametrize("gz", [True, False])
 def test_mnist_idx_is_padded_and_binarised(tmp_path, gz):
-    imgs = _write_mnist(tmp_path, gz=gz)
+    imgs = write_mnist(tmp_path, gz=gz)
     train, test = build_datasets("idx", tmp_path, image_size=32, channels=1, seed=3)
     assert (len(train), len(test)) == (6, 3)
     x = train[(0, 2)]
@@ -52,14 +36,14 @@ def test_mnist_idx_is_padded_and_binarised(tmp_path, gz):
     # The draws follow the pixel intensities: average many epochs.
     mean = torch.stack([train[(e, 2)] for e in range(400)]).mean(0)[0, 2:30, 2:30]
     expected = torch.from_numpy(imgs["train"][2] / 255).float()
-    assert (mean - expected).abs().mean() < 0.03
+    assert (mean - expected).abs().max() < 0.1 and (mean - expected).abs().mean() < 0.02
 
 
 def test_read_idx_rejects_bad_files(tmp_path):
     (tmp_path / "bad").write_bytes(b"\x00\x00\x09\x03" + b"\x00" * 12)
     with pytest.raises(InputError, match="magic"):
         read_idx(tmp_path / "bad")
-    good = _idx_bytes(np.zeros((2, 28, 28)))
+    good = idx_bytes(np.zeros((2, 28, 28)))
     (tmp_path / "short").write_bytes(good[:-5])
     with pytest.raises(InputError, match="promises"):
         read_idx(tmp_path / "short")
@@ -217,7 +201,7 @@ def test_digits_embedded_dataset():
 def test_unknown_format_and_wrong_size(tmp_path):
     with pytest.raises(InputError, match="unknown data format"):
         build_datasets("tfrecord", tmp_path, image_size=8, channels=1, seed=0)
-    _write_mnist(tmp_path)
+    write_mnist(tmp_path)
     with pytest.raises(InputError, match=r"\(1, 32, 32\).*\(1, 16, 16\)"):
         build_datasets("idx", tmp_path, image_size=16, channels=1, seed=0)
     with pytest.raises(MissingPathError):

@@ -68,5 +68,8 @@ def make_loader(dataset: Dataset, batch_size: int, *, train: bool, seed: int, ra
     if train and len(sampler) < batch_size:
         raise ValueError(f"the training split gives each of {world_size} rank(s) {len(sampler)} images, fewer "
                          f"than one batch of {batch_size}; lower --batch_size")
+    # A generator of its own: creating an iterator draws the workers' base seed from it, which
+    # must not consume the global RNG that the model's noise comes from (exact resumption).
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=train, num_workers=num_workers,
-                      pin_memory=pin_memory, persistent_workers=num_workers > 0)
+                      pin_memory=pin_memory, persistent_workers=num_workers > 0,
+                      generator=torch.Generator().manual_seed(seed))

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from nvae_fast.train import checkpoint as ckpt_io
@@ -143,6 +144,8 @@ def run_training(model_cfg, cfg: TrainConfig, run_dir: str | Path, rt: Runtime, 
         fmt, train_loader, test_loader = _loaders(model_cfg, cfg, rt)
         steps_per_epoch = len(train_loader)
         trainer = Trainer(model, cfg, rt, steps_per_epoch)
+        # Same initial weights on every rank (above); from here on each rank draws its own noise.
+        torch.manual_seed(int(np.random.SeedSequence([cfg.seed, rt.rank, 1]).generate_state(1)[0]))
         n_params = sum(p.numel() for p in model.parameters())
         monitor.info(f"run directory {run_dir}; {rt.world_size} process(es) on {rt.device}; "
                      f"data {fmt} ({len(train_loader.dataset)} train / {len(test_loader.dataset)} test images); "
@@ -185,8 +188,8 @@ def run_training(model_cfg, cfg: TrainConfig, run_dir: str | Path, rt: Runtime, 
                         and trainer.epoch_step < steps_per_epoch:
                     _save(trainer, model_cfg, cfg, run_dir, rt)
             train_loss = (loss_sum / max(loss_count, 1)).item()
-            line = (f"epoch {epoch + 1}/{cfg.epochs}  train loss {train_loss:.3f}  lr {stats.lr:.2e}  "
-                    f"kl coeff {stats.kl_coeff:.3f}  skipped steps {trainer.guard.total}  "
+            line = (f"epoch {epoch + 1}/{cfg.epochs}  train loss {train_loss:.3f}  lr {trainer.last_lr:.2e}  "
+                    f"kl coeff {trainer.last_kl_coeff:.3f}  skipped steps {trainer.guard.total}  "
                     f"{time.time() - started:.1f}s")
             epoch_done = trainer.epoch_step >= steps_per_epoch
             if epoch_done:

@@ -116,6 +116,12 @@ class Trainer:
                     if cfg.ema_decay > 0 else None)
         self.alphas = kl_balance_alphas(self.model.config.groups_per_scale).to(rt.device)
         self.guard = BadStepGuard(cfg.max_bad_steps)
+        # The spectral regulariser's power-iteration vectors start from random ones on the first
+        # call: make that call now, while every rank still draws the same numbers.
+        with torch.no_grad():
+            self.model.spectral_norm_parallel()
+        self.last_lr = cfg.learning_rate
+        self.last_kl_coeff = 0.0
         self.step = 0          # global step: optimizer steps attempted (skipped ones included)
         self.epoch = 0
         self.epoch_step = 0    # steps done in the current epoch
@@ -128,20 +134,25 @@ class Trainer:
     def _mean_over_batch(self, t: Tensor) -> Tensor:
         return all_reduce_mean(t, self.rt)
 
-    def train_step(self, x: Tensor) -> StepStats:
-        """One optimisation step on this rank's batch ``x`` (N, C, H, W) in [0, 1]."""
+    def train_step(self, x: Tensor, deterministic: bool = False) -> StepStats:
+        """One optimisation step on this rank's batch ``x`` (N, C, H, W) in [0, 1].
+
+        ``deterministic`` uses the posterior means instead of samples (the model's deterministic
+        forward): the step is then a function of the batch and the state alone, for checks.
+        """
         cfg, model = self.cfg, self.model
         x = quantize(x.to(self.rt.device, non_blocking=True), model.config.num_x_bits)
         kl_coeff = kl_coefficient(self.step, self.total_steps, cfg.kl_anneal_portion, cfg.kl_const_portion,
                                   cfg.kl_const_coeff)
         norm_coeff = spectral_coefficient(kl_coeff, cfg.weight_decay_norm, cfg.weight_decay_norm_init,
                                           cfg.weight_decay_norm_anneal)
-        lr = self.optimizer.param_groups[0]["lr"]
+        lr = self.last_lr = self.optimizer.param_groups[0]["lr"]
+        self.last_kl_coeff = kl_coeff
         buffers = [b.detach().clone() for b in model.buffers()]
         model.train()
         self.optimizer.zero_grad(set_to_none=True)
         with autocast(self.rt.device, self.dtype):
-            logits, log_q, log_p, kl_all, kl_diag = self.net(x)
+            logits, log_q, log_p, kl_all, kl_diag = self.net(x, deterministic=deterministic)
             recon = reconstruction_loss(model.decoder_output(logits), x, model.config.crop_output)
             kl, kl_weights, kl_per_group = balanced_kl(kl_all, kl_coeff, self.alphas,
                                                        self._mean_over_batch if self.rt.distributed else None)
@@ -189,6 +200,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "guard": self.guard.state_dict(),
+            "spectral": _spectral_vectors(self.model),
             "step": self.step,
             "epoch": self.epoch,
             "epoch_step": self.epoch_step,
@@ -203,4 +215,19 @@ class Trainer:
         if self.ema is not None and state.get("ema") is not None:
             self.ema.load_state_dict(state["ema"])
         self.guard.load_state_dict(state["guard"])
+        _load_spectral_vectors(self.model, state.get("spectral", []), self.rt.device)
         self.step, self.epoch, self.epoch_step = int(state["step"]), int(state["epoch"]), int(state["epoch_step"])
+
+
+# The power-iteration vectors of NVAE.spectral_norm_parallel live outside the state_dict (as in the
+# official model); a checkpoint carries them so that a resumed run computes the same regulariser.
+def _spectral_vectors(model: nn.Module) -> list[dict]:
+    return [{"shape": list(shape), "u": u.detach().cpu(), "v": model._sr_v[shape].detach().cpu()}
+            for shape, u in model._sr_u.items()]
+
+
+def _load_spectral_vectors(model: nn.Module, vectors: list[dict], device: torch.device) -> None:
+    for item in vectors:
+        shape = torch.Size(item["shape"])
+        model._sr_u[shape] = item["u"].to(device)
+        model._sr_v[shape] = item["v"].to(device)
