@@ -1,6 +1,5 @@
 """Data formats read from small files the tests write, the epoch-keyed sampler, num_x_bits."""
 
-import gzip
 import io
 import pickle
 import tarfile

@@ -23,6 +23,7 @@ loader workers or ranks, and a resumed run sees exactly the data it would have s
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import io
 import os
 import pickle
@@ -333,10 +334,8 @@ def _lmdb_split(root: Path, name: str, size: int, channels: int, box) -> _LMDBRe
     path = root / name
     if not path.exists():
         raise MissingPathError(f"{root}: no {name} (the official LMDB layout has train.lmdb and validation.lmdb)")
-    try:
-        import lmdb  # noqa: F401
-    except ImportError as e:
-        raise InputError("reading LMDB datasets needs the lmdb package (pip install lmdb)") from e
+    if importlib.util.find_spec("lmdb") is None:
+        raise InputError("reading LMDB datasets needs the lmdb package (pip install lmdb)")
     reader = _LMDBReader(path, size, channels, box)
     if reader.length == 0:
         raise InputError(f"{path}: the database is empty")

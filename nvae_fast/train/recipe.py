@@ -105,6 +105,10 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
                        weight_decay_norm_init=1.0),
     "ffhq": dict(batch_size=4, epochs=200, weight_decay_norm=1e-1, weight_decay_norm_anneal=True,
                  weight_decay_norm_init=1.0, learning_rate=8e-3),
+    # The embedded demo: sized to train, evaluate and sample in a few minutes on 2 CPU cores
+    # (23 steps of 64 images per epoch; the digits live in memory, so no loader workers).
+    "digits": dict(batch_size=64, epochs=40, warmup_epochs=2, weight_decay_norm=1e-2, num_workers=0, log_every=23,
+                   eval_every=5, num_iw_samples=100, eval_untrained=True, num_samples=64),
     # Tests and quick checks.
     "tiny_mnist": dict(batch_size=8, epochs=2, warmup_epochs=1, weight_decay_norm=1e-2, num_workers=0,
                        log_every=10, num_iw_samples=4, num_samples=16),
