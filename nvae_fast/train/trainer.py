@@ -10,6 +10,7 @@ step, BatchNorm statistics and other buffers restored, EMA untouched) and counte
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -174,7 +175,11 @@ class Trainer:
                 for b, saved in zip(model.buffers(), buffers):
                     b.copy_(saved)
         self.scaler.update()
-        self.scheduler.step()
+        with warnings.catch_warnings():
+            # The schedule follows the global step, skipped steps included; PyTorch warns when the
+            # first optimizer step was one of them.
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
+            self.scheduler.step()
         self.guard.record(ok, self.step)
         self.step += 1
         self.epoch_step += 1
