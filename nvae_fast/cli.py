@@ -144,8 +144,10 @@ def _sample(args: argparse.Namespace) -> int:
     model, _ = _load(args, rt)
     torch.manual_seed(args.seed)
     if args.readjust_bn:
+        print(f"re-estimating BatchNorm statistics on {args.readjust_bn_iters} sample batches at t={args.temp}")
         model.readjust_bn(num_samples=args.batch_size, t=args.temp, iterations=args.readjust_bn_iters)
-    images = generate(model, args.num_samples, args.temp, args.batch_size, amp_dtype(args.amp, rt.device))
+    images = generate(model, args.num_samples, args.temp, args.batch_size, amp_dtype(args.amp, rt.device),
+                      progress=True)
     out = Path(args.output)
     scale = max(1, 256 // (int(args.num_samples ** 0.5 + 0.999) * model.config.image_size))
     png, npz = write_samples(images, out.parent if out.suffix else out,

@@ -171,11 +171,11 @@ def resolve_train(args: argparse.Namespace) -> TrainRequest:
         if preset is not None:
             if preset not in PRESETS:
                 raise InputError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-            base = PRESETS[preset]
+            base = NVAEConfig.preset(preset)
             if "dataset" in model_given and model_given["dataset"] != base.dataset:
                 raise InputError(f"--dataset {model_given['dataset']} conflicts with --preset {preset} "
                                  f"(dataset {base.dataset}); drop one of them")
-            model = dataclasses.replace(base, **model_given)
+            model = NVAEConfig.preset(preset, **model_given)
             train = TrainConfig(**{**train_preset(preset), **train_given})
         else:
             model = NVAEConfig(**model_given)

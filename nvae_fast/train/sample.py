@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.distributions import Bernoulli
+from tqdm import tqdm
 
 from nvae_fast.train.images import save_png, tile
 from nvae_fast.train.trainer import autocast
@@ -24,13 +25,14 @@ def decoded_images(decoder, t: float = 1.0) -> Tensor:
 
 @torch.no_grad()
 def generate(model: nn.Module, num_samples: int, temp: float, batch_size: int = 64,
-             amp: torch.dtype | None = None, device: torch.device | None = None) -> Tensor:
-    """``num_samples`` images (N, C, H, W) float32 in [0, 1] from the prior at temperature ``temp``."""
+             amp: torch.dtype | None = None, device: torch.device | None = None, progress: bool = False) -> Tensor:
+    """``num_samples`` images (N, C, H, W) float32 in [0, 1] from the prior at temperature ``temp``
+    (with a tqdm bar if ``progress``)."""
     if num_samples < 1 or batch_size < 1:
         raise ValueError(f"num_samples and batch_size must be >= 1, got {num_samples} and {batch_size}")
     device = device or next(model.parameters()).device
     out = []
-    for start in range(0, num_samples, batch_size):
+    for start in tqdm(range(0, num_samples, batch_size), desc="sample", disable=not progress, leave=False):
         n = min(batch_size, num_samples - start)
         with autocast(device, amp):
             logits = model.sample(n, temp)
