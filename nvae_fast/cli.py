@@ -112,7 +112,8 @@ def _evaluate(args: argparse.Namespace) -> int:
             fmt = detect_format(cfg.dataset, data)
         seed = trained.get("seed", 1)
         train_set, test_set = build_datasets(fmt, data, image_size=cfg.image_size, channels=cfg.in_channels,
-                                             seed=seed, dataset=cfg.dataset)
+                                             seed=seed, dataset=cfg.dataset,
+                                             binarize=cfg.output_distribution == "bernoulli")
         dataset = train_set if args.eval_on_train else test_set
         batch_size = args.batch_size or trained.get("batch_size", 64)
         loader = make_loader(dataset, batch_size, train=False, seed=seed, rank=rt.rank, world_size=rt.world_size,

@@ -23,7 +23,7 @@ def _rng():
 @pytest.mark.parametrize("gz", [True, False])
 def test_mnist_idx_is_padded_and_binarised(tmp_path, gz):
     imgs = write_mnist(tmp_path, gz=gz)
-    train, test = build_datasets("idx", tmp_path, image_size=32, channels=1, seed=3)
+    train, test = build_datasets("idx", tmp_path, image_size=32, channels=1, seed=3, binarize=True)
     assert (len(train), len(test)) == (6, 3)
     x = train[(0, 2)]
     assert x.shape == (1, 32, 32) and x.dtype == torch.float32
@@ -193,8 +193,10 @@ def test_digits_embedded_dataset():
     train, test = build_datasets("digits", None, image_size=8, channels=1, seed=0)
     assert (len(train), len(test)) == (1497, 300)
     x = train[(0, 5)]
-    assert x.shape == (1, 8, 8) and set(x.unique().tolist()) <= {0.0, 1.0}
-    assert torch.equal(test[7], test[7])
+    assert x.shape == (1, 8, 8) and torch.equal(x, train[(1, 5)])  # no random transform
+    assert set((x * 16).unique().tolist()) <= set(range(17)) and x.max() > 0.5
+    binary, _ = build_datasets("digits", None, image_size=8, channels=1, seed=0, binarize=True)
+    assert set(binary[(0, 5)].unique().tolist()) <= {0.0, 1.0}
 
 
 def test_unknown_format_and_wrong_size(tmp_path):

@@ -3,9 +3,9 @@
 Formats (``--data_format``):
 
 * ``digits``: scikit-learn's bundled 8x8 handwritten digits (17 grey levels, 1797 images; a fixed
-  split of 1497 train / 300 test), dynamically binarised like MNIST. Needs no download.
+  split of 1497 train / 300 test). Needs no download.
 * ``idx``: MNIST's IDX files (``train-images-idx3-ubyte`` and ``t10k-images-idx3-ubyte``, ``.gz`` or
-  not) in the data directory or its ``MNIST/raw``; padded to 32x32 and dynamically binarised.
+  not) in the data directory or its ``MNIST/raw``; padded to 32x32.
 * ``cifar``: CIFAR-10's python batches (``cifar-10-batches-py/data_batch_{1..5}``, ``test_batch``),
   the directory or the ``cifar-10-python.tar.gz`` archive; random horizontal flips in training.
 * ``folder``: PNG/JPEG files under ``train/`` and ``test/`` (or ``val/``, ``validation/``)
@@ -15,7 +15,8 @@ Formats (``--data_format``):
   ``b"0"``, ``b"1"``, ... and whose values are encoded images (PNG/JPEG) or raw RGB bytes of a
   square image; centre-cropped and resized like ``folder`` (CelebA 64 gets the official crop).
 
-Every dataset yields float32 tensors (C, H, W) in [0, 1]. Random transforms draw from a
+Models with a Bernoulli output (the official MNIST model) get every format dynamically binarised
+(``binarize``). Every dataset yields float32 tensors (C, H, W) in [0, 1]. Random transforms draw from a
 generator seeded by (seed, epoch, index), so a sample is the same whatever the number of
 loader workers or ranks, and a resumed run sees exactly the data it would have seen.
 """
@@ -365,7 +366,7 @@ def detect_format(dataset: str, data: str | os.PathLike | None) -> str:
 
 
 def build_datasets(fmt: str, data: str | os.PathLike | None, *, image_size: int, channels: int, seed: int,
-                   dataset: str = "") -> tuple[ImageDataset, ImageDataset]:
+                   dataset: str = "", binarize: bool = False) -> tuple[ImageDataset, ImageDataset]:
     """(train, test) datasets of images (channels, image_size, image_size) in [0, 1].
 
     Args:
@@ -375,6 +376,9 @@ def build_datasets(fmt: str, data: str | os.PathLike | None, *, image_size: int,
             match it; folder and LMDB images are cropped and resized to it.
         seed: seeds the random transforms (with the epoch and the sample index).
         dataset: the official dataset name, for dataset-specific pre-processing (celeba_64 crop).
+        binarize: binarise every image dynamically (each pixel's intensity is its probability of
+            being 1, drawn afresh every epoch): what a model with a Bernoulli output needs, as the
+            official MNIST pipeline does.
     Raises:
         InputError / MissingPathError on a missing path, an unknown format, an unreadable file
         or images whose size does not fit the model.
@@ -386,26 +390,23 @@ def build_datasets(fmt: str, data: str | os.PathLike | None, *, image_size: int,
             raise InputError(f"data format {fmt!r} needs --data (a path)")
         if not Path(data).exists():
             raise MissingPathError(f"{data}: data path does not exist")
-    train_aug = test_aug = Augment()
+    pad, flip = 0, fmt not in ("digits", "idx")  # no flips for digits: a mirrored 2 is no digit
     if fmt == "digits":
         train, test = load_digits_images()
         max_value = 16
-        # NVAE models grey-scale images with a Bernoulli output, as the official MNIST model does:
-        # a grey level g/16 is a pixel's probability of being on, drawn afresh every epoch.
-        train_aug = test_aug = Augment(binarize=True)
     elif fmt == "idx":
         train, test = load_mnist_images(data)
         max_value = 255
-        train_aug = test_aug = Augment(pad=2, binarize=True)
+        pad = 2
     elif fmt == "cifar":
         train, test = load_cifar10_images(data)
         max_value = 255
-        train_aug = Augment(flip=True)
+    train_aug = Augment(pad=pad, flip=flip, binarize=binarize)
+    test_aug = Augment(pad=pad, binarize=binarize)
     if fmt in ("digits", "idx", "cifar"):
         datasets = (ImageDataset(_tensor_reader(train), len(train), max_value, train_aug, seed),
                     ImageDataset(_tensor_reader(test), len(test), max_value, test_aug, seed + 1))
     else:
-        train_aug = Augment(flip=True)
         if fmt == "folder":
             paths = folder_splits(data)
             readers = [_FolderReader(p, image_size, channels) for p in paths]

@@ -15,7 +15,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from nvae_fast.train.loaders import quantize
-from nvae_fast.train.losses import dims_per_sample, log_importance_weight, reconstruction_loss
+from nvae_fast.distributions import reconstruction_loss
+from nvae_fast.train.losses import dims_per_sample, log_importance_weight
 from nvae_fast.train.monitor import Monitor
 from nvae_fast.train.runtime import Runtime, all_reduce_sum
 from nvae_fast.train.trainer import autocast

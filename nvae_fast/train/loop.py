@@ -54,7 +54,8 @@ def _build_model(model_cfg):
 def _loaders(model_cfg, cfg: TrainConfig, rt: Runtime):
     fmt = detect_format(model_cfg.dataset, cfg.data) if cfg.data_format == "auto" else cfg.data_format
     train_set, test_set = build_datasets(fmt, cfg.data, image_size=model_cfg.image_size,
-                                         channels=model_cfg.in_channels, seed=cfg.seed, dataset=model_cfg.dataset)
+                                         channels=model_cfg.in_channels, seed=cfg.seed, dataset=model_cfg.dataset,
+                                         binarize=model_cfg.output_distribution == "bernoulli")
     pin = rt.device.type == "cuda"
     train = make_loader(train_set, cfg.batch_size, train=True, seed=cfg.seed, rank=rt.rank,
                         world_size=rt.world_size, num_workers=cfg.num_workers, pin_memory=pin)

@@ -1,4 +1,5 @@
-"""The NVAE training objective: reconstruction, balanced KL and the importance-weighted bound.
+"""The NVAE training objective: balanced KL and the importance-weighted bound (the reconstruction
+term is ``nvae_fast.distributions.reconstruction_loss``).
 
 Shapes: ``kl_all`` is a list of G per-group tensors of shape (N,) (decoder order: the coarsest
 scale first), as the model's forward returns it; ``x`` is the (N, C, H, W) batch in [0, 1].
@@ -11,7 +12,10 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-# MNIST-like models see 28x28 digits padded to 32x32; their likelihood counts only the 28x28 centre.
+from nvae_fast.distributions import reconstruction_loss
+
+# MNIST-like models see 28x28 digits padded to 32x32; their likelihood counts only the 28x28 centre
+# (as reconstruction_loss with crop=True).
 _CROP = slice(2, 30)
 
 
@@ -65,23 +69,10 @@ def balanced_kl(kl_all: Sequence[Tensor], kl_coeff: float, alphas: Tensor | None
     return kl_coeff * (kl * gamma).sum(dim=1), gamma, kl_per_group
 
 
-def log_likelihood(decoder, x: Tensor, crop: bool) -> Tensor:
-    """log p(x | z) per sample, (N,): the decoder's log-probabilities summed over all but the batch
-    dimension (the centre 28x28 only when ``crop``). ``decoder`` is ``model.decoder_output(logits)``."""
-    log_p = decoder.log_prob(x)
-    if crop:
-        log_p = log_p[..., _CROP, _CROP]
-    return log_p.flatten(1).sum(dim=1)
-
-
-def reconstruction_loss(decoder, x: Tensor, crop: bool) -> Tensor:
-    """−log p(x | z) per sample, (N,)."""
-    return -log_likelihood(decoder, x, crop)
-
-
 def log_importance_weight(decoder, x: Tensor, log_q: Tensor, log_p: Tensor, crop: bool) -> Tensor:
-    """log p(x, z) − log q(z | x) per sample, (N,): one term of the importance-weighted bound."""
-    return log_likelihood(decoder, x, crop) - log_q + log_p
+    """log p(x, z) − log q(z | x) per sample, (N,): one term of the importance-weighted bound.
+    ``decoder`` is ``model.decoder_output(logits)``; ``crop`` is the model's ``crop_output``."""
+    return -reconstruction_loss(decoder, x, crop) - log_q + log_p
 
 
 def dims_per_sample(x: Tensor, crop: bool) -> int:

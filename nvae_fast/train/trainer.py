@@ -19,7 +19,8 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from nvae_fast.train.errors import TrainingDiverged
 from nvae_fast.train.loaders import quantize
-from nvae_fast.train.losses import balanced_kl, kl_balance_alphas, reconstruction_loss
+from nvae_fast.distributions import reconstruction_loss
+from nvae_fast.train.losses import balanced_kl, kl_balance_alphas
 from nvae_fast.train.recipe import TrainConfig
 from nvae_fast.train.runtime import Runtime, all_ranks_true, all_reduce_mean, wrap_model
 from nvae_fast.train.schedules import WarmupCosineLR, kl_coefficient, spectral_coefficient

@@ -1,0 +1,53 @@
+"""Two gloo ranks under torchrun train exactly like one process on the joined batch."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+
+def _torchrun(args: list[str], cwd: Path, timeout: int = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(HERE), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_two_ranks_match_one_process_on_the_joined_batch(tmp_path):
+    out = tmp_path / "ranks.pt"
+    proc = _torchrun([str(HERE / "dist_train_worker.py"), str(out)], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    got = torch.load(out)
+
+    import dist_train_worker as worker
+    from nvae_fast.train.runtime import Runtime
+
+    torch.set_num_threads(1)
+    expected = worker.run(0, 1, worker.make_trainer(Runtime(torch.device("cpu"))))
+    torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(expected["losses"]), atol=1e-5, rtol=1e-5)
+    for kind in ("grads", "buffers"):
+        assert got[kind].keys() == expected[kind].keys()
+        for name, value in expected[kind].items():
+            torch.testing.assert_close(got[kind][name], value, atol=1e-5, rtol=1e-5, msg=f"{kind} {name}")
+
+
+def test_torchrun_cli_run_writes_once_from_rank_zero(tmp_path):
+    from train_fixtures import write_mnist
+
+    write_mnist(tmp_path, n_train=32, n_test=8)
+    proc = _torchrun(["-m", "nvae_fast", "train", "--preset", "tiny_mnist", "--data", str(tmp_path), "--root",
+                      str(tmp_path / "runs"), "--epochs", "1", "--warmup_epochs", "0", "--batch_size", "4",
+                      "--num_iw_samples", "2", "--num_samples", "4"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    run = tmp_path / "runs" / "eval-tiny_mnist"
+    log = (run / "log.txt").read_text()
+    assert log.count("final test") == 1 and "2 process(es)" in log
+    assert proc.stdout.count("test bits/dim") == 1
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert state["step"] == 4 and len(state["rng"]) == 2  # 32 images / (2 ranks x 4)
+    assert (run / "samples.png").is_file() and (run / "final_eval.json").is_file()
