@@ -46,8 +46,10 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[list[str], tuple[str, ...]]]:
         "missing data path": (["train", "--preset", "tiny_mnist", "--data", str(tmp / "nope")], ("nope", "not exist")),
         "unknown format": (["train", "--preset", "tiny_mnist", "--data", str(tmp), "--data_format", "tfrecord"],
                            ("unknown data format", "tfrecord")),
-        "wrong image size": (["train", "--preset", "tiny_cifar10", "--data", str(tmp / "mnist"), "--data_format",
-                              "idx"], ("(1, 32, 32)", "(3, 32, 32)")),
+        "wrong image size": (["train", "--preset", "tiny_mnist", "--data_format", "digits"],
+                             ("(1, 8, 8)", "(1, 32, 32)")),
+        "wrong channels": (["train", "--preset", "tiny_cifar10", "--data", str(tmp / "mnist"), "--data_format",
+                            "idx"], ("(1, 32, 32)", "(3, 32, 32)")),
         "unknown preset": (["train", "--preset", "imagenet_1024"], ("unknown preset",)),
         "bad option value": (["train", "--preset", "tiny_mnist", "--batch_size", "0"], ("batch_size",)),
         "corrupt checkpoint": (["evaluate", "--checkpoint", str(tmp / "corrupt.pt")], ("corrupt.pt",)),
@@ -58,8 +60,8 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[list[str], tuple[str, ...]]]:
     }
 
 
-@pytest.mark.parametrize("case", ["missing data path", "unknown format", "wrong image size", "unknown preset",
-                                  "bad option value", "corrupt checkpoint", "missing checkpoint",
+@pytest.mark.parametrize("case", ["missing data path", "unknown format", "wrong image size", "wrong channels",
+                                  "unknown preset", "bad option value", "corrupt checkpoint", "missing checkpoint",
                                   "nothing to resume", "bad flag value"])
 def test_bad_input_exits_with_one_line(tmp_path, monkeypatch, capsys, case):
     monkeypatch.chdir(tmp_path)

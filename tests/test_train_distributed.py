@@ -27,8 +27,12 @@ def test_two_ranks_match_one_process_on_the_joined_batch(tmp_path):
     import dist_train_worker as worker
     from nvae_fast.train.runtime import Runtime
 
-    torch.set_num_threads(1)
-    expected = worker.run(0, 1, worker.make_trainer(Runtime(torch.device("cpu"))))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the workers (OMP_NUM_THREADS=1): same summation order
+    try:
+        expected = worker.run(0, 1, worker.make_trainer(Runtime(torch.device("cpu"))))
+    finally:
+        torch.set_num_threads(threads)
     torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(expected["losses"]), atol=1e-5, rtol=1e-5)
     for kind in ("grads", "buffers"):
         assert got[kind].keys() == expected[kind].keys()

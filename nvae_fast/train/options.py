@@ -39,6 +39,8 @@ _MODEL_FLAGS: list[tuple[str, Any, str]] = [
     ("num_mixture_dec", int, "logistic mixture components of the output (1: normal)"),
     ("image_size", int, "image height = width, for datasets the official code does not know"),
     ("in_channels", int, "image channels, for datasets the official code does not know"),
+    ("output_distribution", str, "p(x|z): bernoulli, normal or logistic_mixture (default: as the official code "
+                                 "derives it from the dataset and --num_mixture_dec)"),
 ]
 _MODEL_SWITCHES = [("ada_groups", "halve the groups at each larger scale"),
                    ("use_se", "squeeze-and-excitation in every cell"),
