@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from nvae_fast import distributed
 from nvae_fast.train.errors import InputError
 
 
@@ -90,22 +91,16 @@ def wrap_model(model: nn.Module, rt: Runtime) -> nn.Module:
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
 
+def all_reduce_sum(t: Tensor, rt: Runtime) -> Tensor:
+    """Sum of ``t`` over the ranks (``t`` itself with one rank; ``t`` is never modified)."""
+    if not rt.distributed:
+        return t
+    return distributed.all_reduce_sum([t], None)[0].view_as(t)
+
+
 def all_reduce_mean(t: Tensor, rt: Runtime) -> Tensor:
     """Mean of ``t`` over the ranks (``t`` itself with one rank)."""
-    if not rt.distributed:
-        return t
-    t = t.clone()
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t / rt.world_size
-
-
-def all_reduce_sum(t: Tensor, rt: Runtime) -> Tensor:
-    """Sum of ``t`` over the ranks."""
-    if not rt.distributed:
-        return t
-    t = t.clone()
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
+    return all_reduce_sum(t, rt) / rt.world_size if rt.distributed else t
 
 
 def all_ranks_true(flag: bool, rt: Runtime) -> bool:
