@@ -67,9 +67,21 @@ def _info(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from nvae_fast.train.loop import run_training
-    from nvae_fast.train.options import resolve_train
+    from nvae_fast.train.options import official_launch, resolve_train
     from nvae_fast.train.runtime import init_runtime, shutdown
 
+    launch = official_launch(args)
+    if launch is not None:
+        from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+        from torch.distributed.run import main as torchrun
+
+        resolve_train(args)  # report bad options once, here, rather than from every process
+        try:
+            torchrun([*launch, "-m", "nvae_fast", *args.argv])
+        except ChildFailedError:
+            print("nvae-fast train: error: a training process failed (its message is above)", file=sys.stderr)
+            return 1
+        return 0
     request = resolve_train(args)
     rt = init_runtime(request.device)
     try:
@@ -211,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     prog = f"nvae-fast {args.command}"
     try:
         return args.func(args)

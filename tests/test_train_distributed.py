@@ -1,6 +1,8 @@
-"""Two gloo ranks under torchrun train exactly like one process on the joined batch."""
+"""Two gloo ranks under torchrun train exactly like one process on the joined batch; the official
+launch flags start the processes through torchrun."""
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,11 +13,14 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
 
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(HERE), os.environ.get("PYTHONPATH", "")]),
+            "OMP_NUM_THREADS": "1"}
+
+
 def _torchrun(args: list[str], cwd: Path, timeout: int = 240) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(HERE), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+                           *args], cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
 
 
 def test_two_ranks_match_one_process_on_the_joined_batch(tmp_path):
@@ -40,13 +45,18 @@ def test_two_ranks_match_one_process_on_the_joined_batch(tmp_path):
             torch.testing.assert_close(got[kind][name], value, atol=1e-5, rtol=1e-5, msg=f"{kind} {name}")
 
 
-def test_torchrun_cli_run_writes_once_from_rank_zero(tmp_path):
+def test_official_launch_flags_run_two_processes_writing_once_from_rank_zero(tmp_path):
     from train_fixtures import write_mnist
 
     write_mnist(tmp_path, n_train=32, n_test=8)
-    proc = _torchrun(["-m", "nvae_fast", "train", "--preset", "tiny_mnist", "--data", str(tmp_path), "--root",
-                      str(tmp_path / "runs"), "--epochs", "1", "--warmup_epochs", "0", "--batch_size", "4",
-                      "--num_iw_samples", "2", "--num_samples", "4"], tmp_path)
+    with socket.socket() as s:  # a free port for the rendezvous (official default: 6020)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.run(
+        [sys.executable, "-m", "nvae_fast", "train", "--preset", "tiny_mnist", "--data", str(tmp_path), "--root",
+         str(tmp_path / "runs"), "--epochs", "1", "--warmup_epochs", "0", "--batch_size", "4", "--num_iw_samples",
+         "2", "--num_samples", "4", "--num_process_per_node", "2", "--master_address", "127.0.0.1"],
+        cwd=tmp_path, env={**_env(), "MASTER_PORT": str(port)}, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]
     run = tmp_path / "runs" / "eval-tiny_mnist"
     log = (run / "log.txt").read_text()

@@ -77,9 +77,12 @@ _TRAIN_FLAGS: list[tuple[str, Any, str]] = [
 _TRAIN_SWITCHES = [("weight_decay_norm_anneal", "anneal λ log-linearly from --weight_decay_norm_init"),
                    ("eval_untrained", "evaluate the test NELBO before training, as a baseline")]
 
-# Official flags about launching processes: torchrun does this now.
-_LAUNCH_FLAGS = [("num_proc_node", int), ("node_rank", int), ("local_rank", int), ("global_rank", int),
-                 ("num_process_per_node", int), ("master_address", str)]
+# Official flags about launching processes (see official_launch); local_rank and global_rank are
+# set by the launcher, accepted and ignored.
+_LAUNCH_FLAGS = [("num_proc_node", int, "machines"), ("node_rank", int, "index of this machine"),
+                 ("num_process_per_node", int, "processes (GPUs) per machine"),
+                 ("master_address", str, "address of machine 0"),
+                 ("local_rank", int, argparse.SUPPRESS), ("global_rank", int, argparse.SUPPRESS)]
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -111,9 +114,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         model.add_argument(f"--{name}", type=kind, default=_S, help=text)
     for name, text in _MODEL_SWITCHES:
         model.add_argument(f"--{name}", action="store_true", default=_S, help=text)
-    launch = p.add_argument_group("official launch flags (use torchrun instead)")
-    for name, kind in _LAUNCH_FLAGS:
-        launch.add_argument(f"--{name}", type=kind, default=_S, help=argparse.SUPPRESS)
+    launch = p.add_argument_group("official launch flags (nvae-fast starts the processes through torchrun)")
+    for name, kind, text in _LAUNCH_FLAGS:
+        launch.add_argument(f"--{name}", type=kind, default=_S, help=text)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,12 +133,23 @@ class TrainRequest:
     device: str | None
 
 
-def _check_launch(given: dict[str, Any]) -> None:
-    procs = given.get("num_process_per_node", 1) * given.get("num_proc_node", 1)
-    if procs > 1 and int(os.environ.get("WORLD_SIZE", "1")) != procs:
-        raise InputError(f"--num_process_per_node/--num_proc_node ask for {procs} processes: launch them with "
-                         f"torchrun (e.g. torchrun --nproc_per_node {given.get('num_process_per_node', 1)} "
-                         f"--nnodes {given.get('num_proc_node', 1)} -m nvae_fast train ...)")
+def official_launch(args: argparse.Namespace) -> list[str] | None:
+    """torchrun's arguments for the processes the official launch flags ask for, or None.
+
+    The official ``train.py`` starts ``--num_process_per_node`` processes itself (on node
+    ``--node_rank`` of ``--num_proc_node``, master ``--master_address``, port 6020); when those
+    flags ask for more than one process and this process was not started by torchrun, ``nvae-fast``
+    hands the same command to torchrun with these arguments.
+    """
+    given = vars(args)
+    per_node, nodes = given.get("num_process_per_node", 1), given.get("num_proc_node", 1)
+    if per_node * nodes <= 1 or "WORLD_SIZE" in os.environ:
+        return None
+    if per_node < 1 or nodes < 1:
+        raise InputError(f"--num_process_per_node and --num_proc_node must be >= 1, got {per_node} and {nodes}")
+    return ["--nproc_per_node", str(per_node), "--nnodes", str(nodes), "--node_rank", str(given.get("node_rank", 0)),
+            "--master_addr", given.get("master_address", "127.0.0.1"),
+            "--master_port", os.environ.get("MASTER_PORT", "6020")]
 
 
 def _resumed_config(run_dir: Path, model_given: dict[str, Any], train_given: dict[str, Any]):
@@ -163,7 +177,6 @@ def resolve_train(args: argparse.Namespace) -> TrainRequest:
     from nvae_fast.config import PRESETS, NVAEConfig
 
     given = vars(args)
-    _check_launch(given)
     model_fields = {f.name for f in dataclasses.fields(NVAEConfig)}
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
     model_given = {k: v for k, v in given.items() if k in model_fields}
