@@ -262,7 +262,7 @@ def measure(w: Workload, impl: str, dtype: torch.dtype, memory_format: torch.mem
     forced = harness.forced_backend(impl)
     try:
         torch.manual_seed(0)
-        module = w.module(impl).to(device).to(memory_format=memory_format).train()
+        module = harness.official_layers(w.module(impl), impl).to(device).to(memory_format=memory_format).train()
         sets = [w.inputs(device, dtype, memory_format)]
         set_bytes = sum(t.numel() * t.element_size() for part in sets[0] for t in part)
         sets += [w.inputs(device, dtype, memory_format) for _ in range(harness.rotation_count(set_bytes, device) - 1)]

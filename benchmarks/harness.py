@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from nvae_fast import backend
+from nvae_fast.nn import BatchNormSwish
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"   # committed: full runs on a GPU only
@@ -254,6 +255,52 @@ def skip_reason(impl: str, device: torch.device, requested: bool = True) -> str 
 def forced_backend(impl: str) -> str:
     """The nvae_fast backend an implementation runs under: the references run on ``torch``."""
     return impl if impl in ("triton", "cuda") else "torch"
+
+
+class _OfficialSwish(torch.autograd.Function):
+    """The official NVAE Swish: saves its input, recomputes the sigmoid in backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        return x * torch.sigmoid(x)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        s = torch.sigmoid(x)
+        return dy * s * (1 + x * (1 - s))
+
+
+class OfficialBatchNormSwish(torch.nn.Module):
+    """What the official ``SyncBatchNormSwish`` runs on one GPU: ``F.batch_norm`` then its Swish,
+    as plain PyTorch ops (which torch.compile can fuse), on the parameters of ``bn``."""
+
+    def __init__(self, bn: torch.nn.Module) -> None:
+        super().__init__()
+        self.bn = bn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bn = self.bn
+        factor = bn._training_step_factor()
+        y = torch.nn.functional.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias,
+                                           bn.training or bn.running_mean is None, factor, bn.eps)
+        return _OfficialSwish.apply(y)
+
+
+def official_layers(module: torch.nn.Module, impl: str) -> torch.nn.Module:
+    """For the reference implementations (eager and torch.compile), replaces every fused
+    ``BatchNormSwish`` of ``module`` in place by :class:`OfficialBatchNormSwish` on the same
+    parameters, so the baselines run the official code's ops rather than nvae_fast's custom op
+    (opaque to inductor). Backend implementations keep the module as it is."""
+    if impl in ("triton", "cuda"):
+        return module
+    for name, child in list(module.named_children()):
+        if isinstance(child, BatchNormSwish):
+            setattr(module, name, OfficialBatchNormSwish(child))
+        else:
+            official_layers(child, impl)
+    return module
 
 
 def compiled(module: torch.nn.Module | Callable[..., Any], impl: str) -> Any:

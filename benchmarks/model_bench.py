@@ -63,7 +63,7 @@ class Trainer:
     def __init__(self, config: NVAEConfig, impl: str, dtype: torch.dtype, device: torch.device,
                  memory_format: torch.memory_format) -> None:
         torch.manual_seed(0)
-        self.model = NVAE(config).to(device).to(memory_format=memory_format).train()
+        self.model = harness.official_layers(NVAE(config), impl).to(device).to(memory_format=memory_format).train()
         self.forward = harness.compiled(self.model, impl)
         self.optimizer = torch.optim.Adamax(self.model.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY,
                                             eps=ADAMAX_EPS)
