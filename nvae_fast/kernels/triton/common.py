@@ -103,12 +103,11 @@ def _stats_finalize_kernel(ws_ptr, mean_ptr, var_ptr, C, num_slots, BLOCK_P: tl.
 
 
 @triton.jit
-def _sums_finalize_kernel(ws_ptr, out_ptr, C, num_slots, K: tl.constexpr, BLOCK_P: tl.constexpr,
-                          BLOCK_C: tl.constexpr):
+def _sums_finalize_kernel(ws_ptr, out_ptr, C, num_slots, K, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """out[k, c] = sum over slots of ws[k, slot, c] for k < K, in slot order."""
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < C
-    for k in tl.static_range(K):
+    for k in range(K):
         acc = tl.zeros([BLOCK_C], dtype=tl.float32)
         for p0 in range(0, num_slots, BLOCK_P):
             slots = p0 + tl.arange(0, BLOCK_P)
@@ -133,7 +132,7 @@ def finalize_sums(ws: torch.Tensor) -> torch.Tensor:
     K, slots, C = ws.shape
     out = torch.empty((K, C), device=ws.device, dtype=torch.float32)
     block_c = min(triton.next_power_of_2(C), 128)
-    _sums_finalize_kernel[(triton.cdiv(C, block_c),)](ws, out, C, slots, K=K, BLOCK_P=32, BLOCK_C=block_c)
+    _sums_finalize_kernel[(triton.cdiv(C, block_c),)](ws, out, C, slots, K, BLOCK_P=32, BLOCK_C=block_c)
     return out
 
 
