@@ -151,6 +151,18 @@ def strides4(t: torch.Tensor) -> tuple[int, int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
 
 
+_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+def dot_dtype(t: torch.Tensor) -> tl.dtype:
+    """``tl.dot`` operand dtype for activations like ``t``: their own. The interpreter cannot
+    multiply bfloat16 (it multiplies the bit patterns, triton-lang/triton#11584), so there
+    bfloat16 operands go in as fp32; GPU runs keep bfloat16."""
+    if t.dtype == torch.bfloat16 and not t.is_cuda:
+        return tl.float32
+    return _TL_DTYPES[t.dtype]
+
+
 def dot_precision(t: torch.Tensor) -> str:
     """``tl.dot`` input precision for activations like ``t``: fp32 GEMMs follow PyTorch's
     convolution setting (``torch.backends.cudnn.allow_tf32``, on by default), as the eager 1x1
