@@ -57,22 +57,15 @@ def test_reference_matches_torch_batch_norm(shape, training):
 
 
 @pytest.mark.parametrize("training", [True, False])
-def test_reference_gradcheck_float64(training):
+@pytest.mark.parametrize("fn", [bn_swish_ref, bn_swish], ids=["reference", "fused_op"])
+def test_gradcheck_float64(fn, training):
+    """The reference's autograd and the custom op's hand-written backward (torch backend) against
+    finite differences."""
     x = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
     w, b, rm, rv = _params(3, torch.float64)
     w.requires_grad_()
     b.requires_grad_()
-    assert torch.autograd.gradcheck(lambda *a: bn_swish_ref(*a, rm.clone(), rv.clone(), training), (x, w, b))
-
-
-@pytest.mark.parametrize("training", [True, False])
-def test_fused_op_gradcheck_float64(training):
-    """The custom op's hand-written backward (torch backend) against finite differences."""
-    x = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
-    w, b, rm, rv = _params(3, torch.float64)
-    w.requires_grad_()
-    b.requires_grad_()
-    assert torch.autograd.gradcheck(lambda *a: bn_swish(*a, rm.clone(), rv.clone(), training), (x, w, b))
+    assert torch.autograd.gradcheck(lambda *a: fn(*a, rm.clone(), rv.clone(), training), (x, w, b))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,7 +10,38 @@ from nvae_fast.distributed import ProcessGroup, all_gather_moments, all_reduce_s
 from nvae_fast.ops.bn_swish import bn_swish
 
 
-class BatchNormSwish(_BatchNorm):
+class _RankAwareBatchNorm(_BatchNorm):
+    """A 2-d BatchNorm that knows its process group (SyncBatchNorm semantics across its ranks)."""
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        process_group: ProcessGroup | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        self.process_group = process_group
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() != 4:
+            raise ValueError(f"{type(self).__name__} expects 4-D input (N, C, H, W), got {input.dim()}-D")
+
+    def _training_step_factor(self) -> float:
+        """Counts a training batch and returns the running-statistics factor, as BatchNorm2d does."""
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative moving average
+                factor = 1.0 / float(self.num_batches_tracked)
+        return factor
+
+
+class BatchNormSwish(_RankAwareBatchNorm):
     """``swish(BatchNorm2d(x))`` in one fused op: drop-in for the official ``SyncBatchNormSwish``.
 
     Parameters and buffers are those of ``torch.nn.BatchNorm2d`` (weight, bias, running_mean,
@@ -23,31 +54,9 @@ class BatchNormSwish(_BatchNorm):
     normalised value from the saved input instead of saving the output.
     """
 
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        process_group: ProcessGroup | None = None,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
-        self.process_group = process_group
-
-    def _check_input_dim(self, input: Tensor) -> None:
-        if input.dim() != 4:
-            raise ValueError(f"BatchNormSwish expects 4-D input (N, C, H, W), got {input.dim()}-D")
-
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
-        factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:  # cumulative moving average
-                factor = 1.0 / float(self.num_batches_tracked)
+        factor = self._training_step_factor()
         use_batch_stats = self.training or self.running_mean is None
         track = not self.training or self.track_running_stats
         return bn_swish(
@@ -57,40 +66,18 @@ class BatchNormSwish(_BatchNorm):
         )
 
 
-class BatchNorm2d(_BatchNorm):
+class BatchNorm2d(_RankAwareBatchNorm):
     """``torch.nn.BatchNorm2d`` that synchronises batch statistics across ranks (SyncBatchNorm
     semantics) in training when torch.distributed has more than one rank in ``process_group``,
     on any device (``torch.nn.SyncBatchNorm`` needs CUDA). Same parameters, buffers and numbers
     as ``torch.nn.BatchNorm2d``; single-process calls go straight to ``F.batch_norm``.
     """
 
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        process_group: ProcessGroup | None = None,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
-        self.process_group = process_group
-
-    def _check_input_dim(self, input: Tensor) -> None:
-        if input.dim() != 4:
-            raise ValueError(f"BatchNorm2d expects 4-D input (N, C, H, W), got {input.dim()}-D")
-
     def forward(self, input: Tensor) -> Tensor:
         if not (self.training and group_size(self.process_group) > 1):
             return super().forward(input)
         self._check_input_dim(input)
-        factor = 0.0 if self.momentum is None else self.momentum
-        if self.track_running_stats:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:
-                factor = 1.0 / float(self.num_batches_tracked)
+        factor = self._training_step_factor()
         C = input.shape[1]
         weight = self.weight if self.weight is not None else input.new_ones(C, dtype=torch.float32)
         bias = self.bias if self.bias is not None else input.new_zeros(C, dtype=torch.float32)
