@@ -94,19 +94,35 @@ def _compare(got, expected, dtype, where, scale=1.0):
 # ---------------------------------------------------------------------------------------------
 
 class _OfficialLikeCell(nn.Module):
-    """The official Cell(InvertedResidual + SE) rebuilt from torch.nn layers, for the reference test."""
+    """The official Cell(InvertedResidual + SE) rebuilt from torch.nn layers and the official
+    SyncBatchNormSwish (nvae_fast.BatchNormSwish), holding the given parameters."""
 
-    def __init__(self, Cin, Cout, E, k, upsample):
+    def __init__(self, params: GenCellParams, running: GenCellRunningStats, upsample: bool):
         super().__init__()
-        EC = Cin * E
+        EC, Cin = params.conv1_weight.shape[:2]
+        Cout, k = params.conv2_weight.shape[0], params.dw_weight.shape[-1]
+        bns = [nn.BatchNorm2d(Cin, momentum=0.05), nvae_fast.BatchNormSwish(EC, momentum=0.05),
+               nvae_fast.BatchNormSwish(EC, momentum=0.05), nn.BatchNorm2d(Cout, momentum=0.05)]
+        convs = [nn.Conv2d(Cin, EC, 1, bias=False), nn.Conv2d(EC, EC, k, padding=k // 2, groups=EC, bias=False),
+                 nn.Conv2d(EC, Cout, 1, bias=False)]
         layers = [nn.UpsamplingNearest2d(scale_factor=2)] if upsample else []
-        layers += [nn.BatchNorm2d(Cin, momentum=0.05), nn.Conv2d(Cin, EC, 1, bias=False),
-                   nn.BatchNorm2d(EC, momentum=0.05), nn.SiLU(),
-                   nn.Conv2d(EC, EC, k, padding=k // 2, groups=EC, bias=False), nn.BatchNorm2d(EC, momentum=0.05),
-                   nn.SiLU(), nn.Conv2d(EC, Cout, 1, bias=False), nn.BatchNorm2d(Cout, momentum=0.05)]
-        self.conv = nn.Sequential(*layers)
-        hidden = max(Cout // 16, 4)
-        self.se = nn.Sequential(nn.Linear(Cout, hidden), nn.ReLU(), nn.Linear(hidden, Cout), nn.Sigmoid())
+        self.conv = nn.Sequential(*layers, bns[0], convs[0], bns[1], convs[1], bns[2], convs[2], bns[3])
+        self.se = nn.Sequential(nn.Linear(Cout, params.se_fc1_weight.shape[0]), nn.ReLU(),
+                                nn.Linear(params.se_fc1_weight.shape[0], Cout), nn.Sigmoid())
+        self.to(params.conv1_weight.dtype)
+        with torch.no_grad():
+            for i, bn in enumerate(bns):
+                bn.weight.copy_(params[(0, 3, 6, 9)[i]])
+                bn.bias.copy_(params[(1, 4, 7, 10)[i]])
+                bn.running_mean.copy_(running[2 * i])
+                bn.running_var.copy_(running[2 * i + 1])
+            for conv, w in zip(convs, (params.conv1_weight, params.dw_weight, params.conv2_weight)):
+                conv.weight.copy_(w)
+            for lin, w, b in ((self.se[0], params.se_fc1_weight, params.se_fc1_bias),
+                              (self.se[2], params.se_fc2_weight, params.se_fc2_bias)):
+                lin.weight.copy_(w)
+                lin.bias.copy_(b)
+        self.bns = bns
 
     def forward(self, x, skip):
         s = self.conv(x)
@@ -119,21 +135,7 @@ def test_reference_matches_official_layers(upsample):
     Cin, Cout, E, k = (6, 3, 3, 5) if upsample else (5, 5, 6, 3)
     params, running = _params(Cin, Cout, E, k)
     x, skip, _ = _inputs(2, Cin, Cout, 4, 3, upsample)
-    cell = _OfficialLikeCell(Cin, Cout, E, k, upsample).double()
-    bns = [m for m in cell.conv if isinstance(m, nn.BatchNorm2d)]
-    convs = [m for m in cell.conv if isinstance(m, nn.Conv2d)]
-    with torch.no_grad():
-        for i, bn in enumerate(bns):
-            bn.weight.copy_((params.bn0_weight, params.bn1_weight, params.bn2_weight, params.bn3_weight)[i])
-            bn.bias.copy_((params.bn0_bias, params.bn1_bias, params.bn2_bias, params.bn3_bias)[i])
-            bn.running_mean.copy_(running[2 * i])
-            bn.running_var.copy_(running[2 * i + 1])
-        for conv, w in zip(convs, (params.conv1_weight, params.dw_weight, params.conv2_weight)):
-            conv.weight.copy_(w)
-        for lin, w, b in ((cell.se[0], params.se_fc1_weight, params.se_fc1_bias),
-                          (cell.se[2], params.se_fc2_weight, params.se_fc2_bias)):
-            lin.weight.copy_(w)
-            lin.bias.copy_(b)
+    cell = _OfficialLikeCell(params, running, upsample)
     run = GenCellRunningStats(*(t.clone() for t in running))
     for training in (True, False):   # eval after the training step: with the updated statistics
         cell.train(training)
@@ -141,7 +143,7 @@ def test_reference_matches_official_layers(upsample):
         got = gen_cell_ref(x, params, run, skip, upsample, training, 0.05, 1e-5)
         assert_close(got, expected)
         if training:
-            for i, bn in enumerate(bns):
+            for i, bn in enumerate(cell.bns):
                 assert_close(run[2 * i], bn.running_mean)
                 assert_close(run[2 * i + 1], bn.running_var)
 
@@ -310,8 +312,8 @@ def test_saved_activations_are_x_a_c_e_and_statistics(backend, upsample):
     rl = GenCellRunningStats(*(t.float().to(DEVICE) for t in running))
     with nvae_fast.use_backend(backend):
         _, saved = _saved_tensors(lambda: gen_cell(xl, pl, rl, sl, upsample))
-    _, eager_saved = _saved_tensors(lambda: gen_cell_ref(xl, pl, GenCellRunningStats(*(t.clone() for t in rl)),
-                                                         sl, upsample))
+    eager_cell = _OfficialLikeCell(pl, rl, upsample).to(DEVICE)
+    _, eager_saved = _saved_tensors(lambda: eager_cell(xl, sl))
     EC, Ho = Cin * 6, 2 * H if upsample else H
     param_ids = {id(t) for t in pl}
     kept = [t for t in saved if id(t) not in param_ids]
@@ -321,7 +323,7 @@ def test_saved_activations_are_x_a_c_e_and_statistics(backend, upsample):
     statistics = [(2 * (Cin + 2 * EC + Cout),), (N, Cout)]   # BN means and variances; sums of e for SE
     assert sorted(tuple(t.shape) for t in kept if t.dim() != 4) == sorted(statistics)
     fused = _nbytes(kept)
-    eager = _nbytes(t for t in eager_saved if id(t) not in param_ids)
+    eager = _nbytes(t for t in eager_saved if not isinstance(t, nn.Parameter))
     assert fused == 4 * sum(math.prod(shape) for shape in activations + statistics)
     assert fused < eager
     print(f"\nsaved for backward (N={N}, C={Cin}, {H}x{W}, E=6, upsample={upsample}): fused {fused} B, "
