@@ -17,6 +17,8 @@ Kernels:
   column sums of the lincomb.
 * ``_output_kernel``, ``_output_sums_kernel``: the elementwise output stage and its backward sums.
 
+The depthwise stage between the GEMMs is its own op (nvae_fast/kernels/triton/dwconv_stage.py).
+
 ``lincomb(x, y) = p[n, k] * x + q[k] * (y - center[k]) + r[n, k]`` (p, r per sample or per channel)
 is how every backward stage rebuilds the gradient of the previous stage's output from saved
 tensors instead of storing it.
@@ -33,12 +35,10 @@ from nvae_fast.kernels.triton.common import (
     dot_dtype, dot_precision, finalize_stats, finalize_sums, reduction_programs, row_offsets, store_welford, strides4,
     swish, swish_grad, welford_tile,
 )
-from nvae_fast.kernels.triton.dwconv_stage import dwconv_stage_backward, dwconv_stage_forward
 
 __all__ = [
     "bn_stats", "conv1_backward_data", "conv1_forward", "conv1_weight_grad", "conv2_backward_apply",
-    "conv2_backward_reduce", "conv2_forward", "conv2_weight_grad", "dwconv_stage_backward", "dwconv_stage_forward",
-    "output_backward_sums", "output_forward",
+    "conv2_backward_reduce", "conv2_forward", "conv2_weight_grad", "output_backward_sums", "output_forward",
 ]
 
 
