@@ -263,9 +263,9 @@ def test_triton_half_precision(dtype):
 @requires_cuda
 @pytest.mark.parametrize("case", [(32, 128, 128, 6, 5, 8, 8, False), (16, 64, 32, 3, 5, 16, 16, True),
                                   (8, 96, 96, 6, 11, 8, 8, False)])
-def test_triton_large_shapes_on_gpu(case):
-    torch.backends.cudnn.allow_tf32 = False   # fp32 GEMMs in full precision, as the reference
-    torch.backends.cuda.matmul.allow_tf32 = False
+def test_triton_large_shapes_on_gpu(case, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)   # fp32 GEMMs in full precision
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     N, Cin, Cout, E, k, H, W, upsample = case
     params, running = _params(Cin, Cout, E, k)
     x, skip, dout = _inputs(N, Cin, Cout, H, W, upsample)
