@@ -25,3 +25,13 @@ def _seed_and_reset_backend():
     nvae_fast.set_backend(None)
     yield
     nvae_fast.set_backend(None)
+
+
+@pytest.fixture
+def small_cpu_convs():
+    """Runs a test with oneDNN off: on the tiny shapes of model tests, generating oneDNN kernels for
+    each new convolution shape costs several times more CPU than PyTorch's plain CPU convolution."""
+    enabled = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    yield
+    torch.backends.mkldnn.enabled = enabled

@@ -1,0 +1,397 @@
+"""NVAE: the deep hierarchical VAE, a drop-in replacement for the official ``model.AutoEncoder``.
+
+Same state_dict (keys and shapes), same forward outputs ``(logits, log_q, log_p, kl_all, kl_diag)``
+and the same methods (``sample``, ``decoder_output``, ``spectral_norm_parallel``,
+``batchnorm_loss``), on any device and dtype. Hot operations go through the backend dispatcher
+(fused BatchNorm+Swish, the residual-normal KL), so fused kernels take over on CUDA tensors.
+
+Structure (channels double and resolution halves at every down cell)::
+
+    x -> stem -> pre_process (down cells) -> enc_tower (cells, combiners, down cells) -> enc0
+    prior_ftr0 -> dec_tower: for each latent group, [cells] -> combiner(state, z) (up cells between
+    scales) -> post_process (up cells) -> image_conditional -> logits
+
+Latent group 0 (at the coarsest scale) has a standard-normal prior; every later group's prior comes
+from the decoder state (``dec_sampler``) and its posterior from the encoder features combined with
+that state (``enc_tower`` combiners, ``enc_sampler``), optionally followed by ``num_nf`` flow pairs.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from nvae_fast import distributions
+from nvae_fast.config import CHANNEL_MULT, NVAEConfig
+from nvae_fast.nn.cells import DecCombinerCell, EncCombinerCell, make_cell
+from nvae_fast.nn.conv import Conv2D
+from nvae_fast.nn.flows import ARConv2d, PairedARFlow
+from nvae_fast.ops.normal_kl import GroupKL, flow_kl, normal_kl, normal_sample
+
+NUM_POWER_ITER = 4
+POWER_ITER_EPS = 1e-3
+
+ForwardOutput = tuple[Tensor, Tensor, Tensor, list[Tensor], list[Tensor]]
+
+
+class NVAE(nn.Module):
+    """The NVAE model of ``config`` (see :class:`nvae_fast.NVAEConfig`).
+
+    Build: ``NVAE(NVAEConfig.preset("cifar10"))``, ``NVAE.from_preset("tiny_cifar10")``,
+    ``NVAE.from_official_args(namespace)`` or ``NVAE.load_official_checkpoint(path)``.
+
+    Attributes kept from the official model: ``crop_output``, ``num_latent_scales``,
+    ``groups_per_scale``, ``vanilla_vae``, ``z0_size``.
+    """
+
+    def __init__(self, config: NVAEConfig) -> None:
+        super().__init__()
+        if not isinstance(config, NVAEConfig):
+            raise TypeError(f"config must be an NVAEConfig, got {type(config).__name__}")
+        self.config = c = config
+        self.crop_output = c.crop_output
+        self.num_latent_scales = c.num_latent_scales
+        self.groups_per_scale = c.groups_per_scale
+        self.num_flows = c.num_nf
+        self.vanilla_vae = c.num_latent_scales == 1 and c.num_groups_per_scale == 1
+
+        blocks, scales = c.num_preprocess_blocks, c.num_latent_scales
+        top = blocks + scales - 1  # channels are C * 2**level; level `top` is the coarsest
+        size = c.image_size // 2 ** top
+        self.prior_ftr0 = nn.Parameter(torch.rand(c.num_channels_dec * CHANNEL_MULT ** top, size, size))
+        self.z0_size = [c.num_latent_per_group, size, size]
+
+        self.stem = Conv2D(c.in_channels, c.num_channels_enc, 3, padding=1, bias=True)
+        self.pre_process = self._build_pre_process()
+        self.enc_tower = nn.ModuleList() if self.vanilla_vae else self._build_encoder_tower()
+        enc_top = c.num_channels_enc * CHANNEL_MULT ** top
+        self.enc0 = nn.Sequential(nn.ELU(), Conv2D(enc_top, enc_top, 1, bias=True), nn.ELU())
+        self.enc_sampler, self.dec_sampler, self.nf_cells = self._build_samplers()
+        if self.vanilla_vae:
+            self.dec_tower = nn.ModuleList()
+            self.stem_decoder = Conv2D(c.num_latent_per_group, enc_top, 1, bias=True)
+        else:
+            self.dec_tower = self._build_decoder_tower()
+        self.post_process = self._build_post_process()
+        self.image_conditional = nn.Sequential(
+            nn.ELU(), Conv2D(c.num_channels_dec, c.output_channels, 3, padding=1, bias=True))
+
+        # Power-iteration state of spectral_norm_parallel, per weight-matrix shape (not saved).
+        self._sr_u: dict[torch.Size, Tensor] = {}
+        self._sr_v: dict[torch.Size, Tensor] = {}
+
+    # -----------------------------------------------------------------------------------------
+    # Construction
+    # -----------------------------------------------------------------------------------------
+
+    def _groups_in_decoder_order(self) -> list[tuple[int, int]]:
+        """(level, groups) per scale, coarsest first: the order of the decoder and the samplers."""
+        c = self.config
+        top = c.num_preprocess_blocks + c.num_latent_scales - 1
+        return [(top - s, self.groups_per_scale[c.num_latent_scales - 1 - s]) for s in range(c.num_latent_scales)]
+
+    def _build_pre_process(self) -> nn.ModuleList:
+        c, arch = self.config, self.config.arch_cells
+        cells = nn.ModuleList()
+        for b in range(c.num_preprocess_blocks):
+            width = c.num_channels_enc * CHANNEL_MULT ** b
+            for i in range(c.num_preprocess_cells):
+                if i == c.num_preprocess_cells - 1:
+                    cells.append(make_cell(width, CHANNEL_MULT * width, "down_pre", arch["down_pre"], c.use_se))
+                else:
+                    cells.append(make_cell(width, width, "normal_pre", arch["normal_pre"], c.use_se))
+        return cells
+
+    def _build_encoder_tower(self) -> nn.ModuleList:
+        c, arch = self.config, self.config.arch_cells
+        cells = nn.ModuleList()
+        for s in range(c.num_latent_scales):
+            level = c.num_preprocess_blocks + s
+            enc, dec = c.num_channels_enc * CHANNEL_MULT ** level, c.num_channels_dec * CHANNEL_MULT ** level
+            groups = self.groups_per_scale[s]
+            for g in range(groups):
+                for _ in range(c.num_cell_per_cond_enc):
+                    cells.append(make_cell(enc, enc, "normal_enc", arch["normal_enc"], c.use_se))
+                if not (s == c.num_latent_scales - 1 and g == groups - 1):
+                    cells.append(EncCombinerCell(enc, dec, enc))
+            if s < c.num_latent_scales - 1:
+                cells.append(make_cell(enc, CHANNEL_MULT * enc, "down_enc", arch["down_enc"], c.use_se))
+        return cells
+
+    def _build_samplers(self) -> tuple[nn.ModuleList, nn.ModuleList, nn.ModuleList]:
+        c = self.config
+        latent = c.num_latent_per_group
+        enc_sampler, dec_sampler, nf_cells = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
+        for s, (level, groups) in enumerate(self._groups_in_decoder_order()):
+            for g in range(groups):
+                enc_sampler.append(Conv2D(c.num_channels_enc * CHANNEL_MULT ** level, 2 * latent, 3, padding=1,
+                                          bias=True))
+                nf_cells.extend(PairedARFlow(latent) for _ in range(c.num_nf))
+                if not (s == 0 and g == 0):  # group 0's prior is a fixed standard normal
+                    dec_sampler.append(nn.Sequential(
+                        nn.ELU(), Conv2D(c.num_channels_dec * CHANNEL_MULT ** level, 2 * latent, 1, bias=True)))
+        return enc_sampler, dec_sampler, nf_cells
+
+    def _build_decoder_tower(self) -> nn.ModuleList:
+        c, arch = self.config, self.config.arch_cells
+        cells = nn.ModuleList()
+        order = self._groups_in_decoder_order()
+        for s, (level, groups) in enumerate(order):
+            width = c.num_channels_dec * CHANNEL_MULT ** level
+            for g in range(groups):
+                if not (s == 0 and g == 0):
+                    for _ in range(c.num_cell_per_cond_dec):
+                        cells.append(make_cell(width, width, "normal_dec", arch["normal_dec"], c.use_se))
+                cells.append(DecCombinerCell(width, c.num_latent_per_group, width))
+            if s < len(order) - 1:
+                cells.append(make_cell(width, width // CHANNEL_MULT, "up_dec", arch["up_dec"], c.use_se))
+        return cells
+
+    def _build_post_process(self) -> nn.ModuleList:
+        c, arch = self.config, self.config.arch_cells
+        cells = nn.ModuleList()
+        for b in range(c.num_postprocess_blocks):
+            width = c.num_channels_dec * CHANNEL_MULT ** (c.num_postprocess_blocks - b)
+            for i in range(c.num_postprocess_cells):
+                if i == 0:
+                    cells.append(make_cell(width, width // CHANNEL_MULT, "up_post", arch["up_post"], c.use_se))
+                else:
+                    cells.append(make_cell(width // CHANNEL_MULT, width // CHANNEL_MULT, "normal_post",
+                                           arch["normal_post"], c.use_se))
+        return cells
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> NVAE:
+        """The model of preset ``name`` (see ``nvae_fast.config.PRESETS``), fields replaced by ``overrides``."""
+        return cls(NVAEConfig.preset(name, **overrides))
+
+    @classmethod
+    def from_official_args(cls, args) -> NVAE:
+        """The model the official ``train.py`` builds for its ``argparse.Namespace`` ``args``."""
+        return cls(NVAEConfig.from_namespace(args))
+
+    @classmethod
+    def load_official_checkpoint(cls, path: str | os.PathLike, device: torch.device | str | None = None) -> NVAE:
+        """The model of an official checkpoint file, loaded strictly, on ``device``, in eval mode.
+
+        See :func:`nvae_fast.compat.official.load_official_checkpoint`.
+        """
+        from nvae_fast.compat.official import load_official_checkpoint
+
+        return load_official_checkpoint(path, device=device)
+
+    # -----------------------------------------------------------------------------------------
+    # Forward
+    # -----------------------------------------------------------------------------------------
+
+    def _check_images(self, x: Tensor) -> None:
+        c = self.config
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x must be a torch.Tensor of images, got {type(x).__name__}")
+        expected = f"(N, {c.in_channels}, {c.image_size}, {c.image_size})"
+        if x.dim() != 4 or tuple(x.shape[1:]) != (c.in_channels, c.image_size, c.image_size) or x.shape[0] < 1:
+            raise ValueError(f"x must be a batch of images of shape {expected}, got {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise ValueError(f"x must be a floating-point tensor with values in [0, 1], got {x.dtype}")
+        param = self.prior_ftr0
+        if x.device != param.device:
+            raise ValueError(f"x is on {x.device} but the model is on {param.device}")
+        if x.dtype != param.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise ValueError(f"x has dtype {x.dtype} but the model's parameters are {param.dtype}; convert one of "
+                             "them or run under torch.autocast")
+        lo, hi = torch.aminmax(x.detach())
+        if lo < 0 or hi > 1:
+            raise ValueError(f"x must have values in [0, 1], got values in [{lo.item():.4g}, {hi.item():.4g}]")
+
+    def forward(self, x: Tensor, deterministic: bool = False) -> ForwardOutput:
+        """Encode x, sample every latent group from its posterior, decode.
+
+        Args:
+            x: images (N, C, H, W) with the config's channels and size, float in [0, 1], on the
+                model's device (and in its dtype, unless under autocast).
+            deterministic: use each posterior's mean instead of a sample (the noise is zero): the
+                outputs are then a deterministic function of x and the weights (in eval mode, or
+                in training mode for a given batch) - for reconstructions and tests.
+        Returns:
+            ``(logits, log_q, log_p, kl_all, kl_diag)`` as the official model: the decoder's
+            logits (N, output channels, H, W) (see :meth:`decoder_output`); log q(z|x) and
+            log p(z) summed over all groups, (N,); per group, kl_all[g] (N,) = KL summed over
+            the group's latent variables and kl_diag[g] (C_latent,) = KL per channel summed over
+            H, W and averaged over the batch. With flows the KL is log q - log p of the sample,
+            otherwise analytic. Sums are fp32 (fp64 for a float64 model).
+        """
+        self._check_images(x)
+        s = self.stem(2 * x - 1.0)
+        for cell in self.pre_process:
+            s = cell(s)
+        combiners: list[tuple[EncCombinerCell, Tensor]] = []
+        for cell in self.enc_tower:
+            if isinstance(cell, EncCombinerCell):
+                combiners.append((cell, s))
+            else:
+                s = cell(s)
+        combiners.reverse()  # the decoder visits the groups from the coarsest scale up
+
+        ftr = self.enc0(s)
+        mu_q, log_sigma_q = self.enc_sampler[0](ftr).chunk(2, dim=1)
+        z0, group0 = self._posterior(0, None, None, mu_q, log_sigma_q, ftr, deterministic)
+        groups: list[GroupKL] = [group0]
+
+        def latent(group: int, state: Tensor | None) -> Tensor:
+            if group == 0:
+                return z0
+            mu_p, log_sigma_p = self.dec_sampler[group - 1](state).chunk(2, dim=1)
+            combiner, enc_state = combiners[group - 1]
+            features = combiner(enc_state, state)
+            mu_q, log_sigma_q = self.enc_sampler[group](features).chunk(2, dim=1)
+            z, result = self._posterior(group, mu_p, log_sigma_p, mu_q, log_sigma_q, features, deterministic)
+            groups.append(result)
+            return z
+
+        logits = self._decode(x.shape[0], latent)
+        log_q = torch.stack([g.log_q for g in groups]).sum(dim=0)
+        log_p = torch.stack([g.log_p for g in groups]).sum(dim=0)
+        return logits, log_q, log_p, [g.kl_all for g in groups], [g.kl_diag for g in groups]
+
+    def _posterior(self, group: int, mu_p: Tensor | None, log_sigma_p: Tensor | None, mu_q: Tensor,
+                   log_sigma_q: Tensor, features: Tensor, deterministic: bool) -> tuple[Tensor, GroupKL]:
+        """Sample z of one group (through its flows) and reduce its KL and log-densities."""
+        res_dist = self.config.res_dist
+        eps = torch.zeros_like(mu_q) if deterministic else torch.randn_like(mu_q)
+        if self.num_flows == 0:
+            result = normal_kl(mu_p, log_sigma_p, mu_q, log_sigma_q, eps, residual=res_dist)
+            return result.z, result
+        if res_dist and mu_p is not None:
+            z = normal_sample(mu_p + mu_q, log_sigma_p + log_sigma_q, eps)
+        else:
+            z = normal_sample(mu_q, log_sigma_q, eps)
+        log_det = torch.zeros_like(z)
+        for flow in self.nf_cells[group * self.num_flows:(group + 1) * self.num_flows]:
+            z, flow_log_det = flow(z, features)
+            log_det = log_det + flow_log_det
+        return z, flow_kl(mu_p, log_sigma_p, log_sigma_q, eps, z, log_det, residual=res_dist)
+
+    def _decode(self, batch_size: int, latent: Callable[[int, Tensor | None], Tensor]) -> Tensor:
+        """Run the decoder from the learned prior input; ``latent(group, state)`` gives each z."""
+        state = self.prior_ftr0.unsqueeze(0).expand(batch_size, -1, -1, -1)
+        group = 0
+        for cell in self.dec_tower:
+            if isinstance(cell, DecCombinerCell):
+                state = cell(state, latent(group, state))
+                group += 1
+            else:
+                state = cell(state)
+        if self.vanilla_vae:
+            state = self.stem_decoder(latent(0, None))
+        for cell in self.post_process:
+            state = cell(state)
+        return self.image_conditional(state)
+
+    # -----------------------------------------------------------------------------------------
+    # Generation and outputs
+    # -----------------------------------------------------------------------------------------
+
+    def sample(self, num_samples: int, t: float = 1.0) -> Tensor:
+        """Logits of ``num_samples`` images drawn from the prior at temperature ``t`` (which
+        scales every prior's standard deviation), on the model's device and in its dtype (autocast
+        applies as usual). Decode them with :meth:`decoder_output`."""
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+        if not t > 0:
+            raise ValueError(f"t (temperature) must be positive, got {t}")
+        param = self.prior_ftr0
+        z0 = normal_sample(None, None, torch.randn(num_samples, *self.z0_size, device=param.device,
+                                                   dtype=param.dtype), t)
+
+        def latent(group: int, state: Tensor | None) -> Tensor:
+            if group == 0:
+                return z0
+            mu, log_sigma = self.dec_sampler[group - 1](state).chunk(2, dim=1)
+            return normal_sample(mu, log_sigma, torch.randn_like(mu), t)
+
+        return self._decode(num_samples, latent)
+
+    def decoder_output(self, logits: Tensor):
+        """The output distribution p(x | z) of ``logits`` (``config.output_distribution``):
+        ``torch.distributions.Bernoulli``, :class:`nvae_fast.distributions.NormalDecoder` or
+        :class:`nvae_fast.distributions.DiscMixLogistic`. Each has ``log_prob(x)`` and
+        ``sample(t)``/``mean()`` (Bernoulli: ``.mean``)."""
+        c = self.config
+        return distributions.decoder_output(logits, c.output_distribution, c.num_mixture_dec, c.num_x_bits,
+                                            c.in_channels)
+
+    @torch.no_grad()
+    def readjust_bn(self, num_samples: int = 16, t: float = 1.0, iterations: int = 500) -> None:
+        """Re-estimate every BatchNorm's running statistics on samples at temperature ``t``.
+
+        The official ``--readjust_bn``: runs ``iterations`` prior samples of ``num_samples`` in
+        training mode (each updates the running statistics with momentum 0.05; across ranks when
+        torch.distributed runs), then leaves the model in eval mode, ready to sample.
+        """
+        if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+            raise ValueError(f"iterations must be a positive integer, got {iterations!r}")
+        self.train()
+        for _ in range(iterations):
+            self.sample(num_samples, t)
+        self.eval()
+
+    # -----------------------------------------------------------------------------------------
+    # Regularisers
+    # -----------------------------------------------------------------------------------------
+
+    def conv_layers(self) -> list[Conv2D | ARConv2d]:
+        """Every convolution of the model, in module order (the official ``all_conv_layers``)."""
+        return [m for m in self.modules() if isinstance(m, (Conv2D, ARConv2d))]
+
+    def bn_layers(self) -> list[_BatchNorm]:
+        """Every BatchNorm of the model, in module order (the official ``all_bn_layers``)."""
+        return [m for m in self.modules() if isinstance(m, _BatchNorm)]
+
+    def spectral_norm_parallel(self) -> Tensor:
+        """Sum of the largest singular values of all convolution weights (as matrices C_out x rest).
+
+        Power iteration, batched over the weights of one shape: 4 iterations per call, 40 on the
+        first call for a shape; the singular vectors persist between calls on the weights' device
+        (not in the state_dict). Differentiable in the weights (the vectors are constants).
+        """
+        by_shape: dict[torch.Size, list[Tensor]] = {}
+        for conv in self.conv_layers():
+            weight = conv.normalized_weight()
+            matrix = weight.reshape(weight.shape[0], -1)
+            by_shape.setdefault(matrix.shape, []).append(matrix)
+        total = self.prior_ftr0.new_zeros(())
+        for shape, matrices in by_shape.items():
+            weights = torch.stack(matrices)
+            with torch.no_grad():
+                u, v, iterations = self._power_vectors(shape, weights)
+                for _ in range(iterations):
+                    v = F.normalize(torch.bmm(u.unsqueeze(1), weights).squeeze(1), dim=1, eps=POWER_ITER_EPS)
+                    u = F.normalize(torch.bmm(weights, v.unsqueeze(2)).squeeze(2), dim=1, eps=POWER_ITER_EPS)
+                self._sr_u[shape], self._sr_v[shape] = u, v
+            sigma = torch.bmm(u.unsqueeze(1), torch.bmm(weights, v.unsqueeze(2)))
+            total = total + sigma.sum()
+        return total
+
+    def _power_vectors(self, shape: torch.Size, weights: Tensor) -> tuple[Tensor, Tensor, int]:
+        num, rows, cols = weights.shape
+        u, v = self._sr_u.get(shape), self._sr_v.get(shape)
+        if u is None or u.shape[0] != num:
+            u = F.normalize(torch.randn(num, rows, device=weights.device, dtype=weights.dtype), dim=1,
+                            eps=POWER_ITER_EPS)
+            v = F.normalize(torch.randn(num, cols, device=weights.device, dtype=weights.dtype), dim=1,
+                            eps=POWER_ITER_EPS)
+            return u, v, 10 * NUM_POWER_ITER
+        return u.to(weights), v.to(weights), NUM_POWER_ITER
+
+    def batchnorm_loss(self) -> Tensor:
+        """Sum over the affine BatchNorms of the largest absolute scale (the official BN loss)."""
+        total = self.prior_ftr0.new_zeros(())
+        for bn in self.bn_layers():
+            if bn.affine:
+                total = total + bn.weight.abs().max()
+        return total
