@@ -609,9 +609,9 @@ def check_gen_cell_inputs(x: Tensor, params: GenCellParams, running: GenCellRunn
     else:
         if not isinstance(skip, Tensor) or skip.shape != out_shape:
             raise ValueError(f"skip must have shape {out_shape}, got {tuple(getattr(skip, 'shape', ()))}")
-        if skip.dtype != x.dtype or skip.device != x.device:
-            raise ValueError(f"skip must match x in dtype and device ({x.dtype}, {x.device}), got "
-                             f"{skip.dtype}, {skip.device}")
+        if skip.dtype not in _FLOAT_DTYPES or skip.device != x.device:
+            raise ValueError(f"skip must be a float tensor on x's device ({x.device}), got {skip.dtype} on "
+                             f"{skip.device}")
     if running is not None:
         if not isinstance(running, GenCellRunningStats):
             raise TypeError(f"running must be a GenCellRunningStats, got {type(running).__name__}")
@@ -645,13 +645,14 @@ def gen_cell(
         params: :class:`GenCellParams`; EC, Cout, k and SE follow from their shapes.
         running: BN0..BN3 running statistics, updated in place in training
             (``(1 - momentum) * old + momentum * batch``, unbiased variance), used in eval.
-        skip: (N, Cout, Ho, Wo) tensor added to the branch (the up-cell's upsampled skip), or None
-            for a normal cell's identity skip (x itself).
+        skip: (N, Cout, Ho, Wo) tensor added to the branch (the up-cell's upsampled skip; under
+            autocast a normal cell's fp32 input while x is its half-precision copy), or None for a
+            normal cell's identity skip (x itself, whose gradient the last kernel then adds).
         upsample: the up-cell: the branch starts with a nearest 2x upsample; the output is (2H, 2W).
         training: batch statistics (synchronised over ``process_group`` when it has more than one
             rank) instead of the running ones.
     Returns:
-        (N, Cout, Ho, Wo) in x's dtype and in skip's (or x's) memory format.
+        (N, Cout, Ho, Wo) in skip's (or x's) dtype and memory format.
     """
     check_gen_cell_inputs(x, params, running, skip, upsample, training)
     if training and distributed.group_size(process_group) > 1:
