@@ -99,10 +99,10 @@ def _backward_data_kernel(
     dc_ptr, a_ptr, w_ptr, scale_ptr, shift_ptr, mean_ptr, g_ptr, ws_ptr,
     sd_n, sd_c, sd_h, sd_w, sa_n, sa_c, sa_h, sa_w, sg_n, sg_c, sg_h, sg_w,
     C, H, W, Ho, Wo, tiles_per_img, num_slots,
-    K: tl.constexpr, STRIDE: tl.constexpr, UPSAMPLE: tl.constexpr,
+    K: tl.constexpr, STRIDE: tl.constexpr, UP: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    UP: tl.constexpr = 2 if UPSAMPLE else 1
+    """UP = 2 for the up-cell (each pixel of a feeds 2x2 conv-grid pixels), else 1."""
     pid = tl.program_id(0)
     n = pid // tiles_per_img
     pix = ((pid - n * tiles_per_img) * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)
@@ -236,7 +236,7 @@ def dwconv_stage_backward(dc: torch.Tensor, a: torch.Tensor, scale: torch.Tensor
     _backward_data_kernel[(N * tiles, c_blocks)](
         dc, a, w, scale, shift, mean_a, g, ws, *strides4(dc), *strides4(a), *strides4(g),
         C, H, W, Ho, Wo, tiles, N * tiles,
-        K=k, STRIDE=stride, UPSAMPLE=upsample, BLOCK_P=block_p, BLOCK_C=block_c,
+        K=k, STRIDE=stride, UP=2 if upsample else 1, BLOCK_P=block_p, BLOCK_C=block_c,
     )
     sum_g, sum_gxmu = (s.clone() for s in finalize_sums(ws))   # separate tensors: outputs must not alias
 
