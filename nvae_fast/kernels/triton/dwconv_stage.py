@@ -63,7 +63,7 @@ def _forward_kernel(
     y0 = oy * STRIDE - K // 2
     x0 = ox * STRIDE - K // 2
     acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
-    for kh in tl.static_range(K):
+    for kh in range(K):   # rows in a loop, columns unrolled: code size K, not K * K (k = 11 compiles fast)
         iy, y_ok = _tap(y0, kh, Hc, UPSAMPLE)
         y_ok = y_ok & pix_ok
         y_off = iy * sa_h
@@ -119,7 +119,7 @@ def _backward_data_kernel(
         for sx in tl.static_range(UP):
             y0 = iy * UP + sy + K // 2
             x0 = ix * UP + sx + K // 2
-            for kh in tl.static_range(K):
+            for kh in range(K):   # rows in a loop, columns unrolled, as in the forward
                 oy, y_ok = _transposed_tap(y0, kh, Ho, STRIDE)
                 y_ok = y_ok & pix_ok
                 y_off = oy * sd_h
