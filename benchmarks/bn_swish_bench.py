@@ -102,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=100)
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--quick", action="store_true", help="few repetitions, smallest shape: a smoke run")
-    parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/...)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="JSON path (default: benchmarks/results/ for full GPU runs, else benchmarks/scratch/)")
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -114,8 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = run(shapes, DTYPES[args.dtype], reps, warmup, device)
     print(harness.format_table(rows, ["shape", "dtype", "impl", "fwd_ms", "fwd_bwd_ms", "fwd_bwd_GBs",
                                       "pct_of_floor", "peak_mem_MB", "saved_MB"]))
-    slug = env["device"].split(" (")[0].replace(" ", "_")
-    out = args.out or Path(__file__).resolve().parent / "results" / f"bn_swish_{slug}.json"
+    out, _ = harness.output_paths("bn_swish", device, args.quick, args.out)
     harness.write_json(out, {"benchmark": "bn_swish", "environment": env, "backends": backend.status(),
                              "quick": args.quick, "results": rows})
     print(f"wrote {out}")

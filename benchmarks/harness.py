@@ -5,22 +5,43 @@ first for a floor; time the median of many repetitions after warm-up with CUDA e
 enough input sets that together exceed twice the L2 cache, so no implementation is flattered by a
 warm cache; read peak memory from the allocator. On a CPU-only machine the same code times with
 the host clock and every record says so.
+
+Beyond timing: which implementations a benchmark compares and why one is left out
+(:func:`skip_reason`), which backend each fused op actually ran (:func:`record_dispatch`), phase
+timing of a training step (:func:`measure_phases`), where results go (:func:`output_paths`:
+``benchmarks/results/`` holds only full GPU runs) and a bar chart (:func:`plot_bars`).
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
 import os
 import platform
 import statistics
 import subprocess
+import textwrap
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from nvae_fast import backend
+
+BENCH_DIR = Path(__file__).resolve().parent
+RESULTS_DIR = BENCH_DIR / "results"   # committed: full runs on a GPU only
+SCRATCH_DIR = BENCH_DIR / "scratch"   # ignored by git: CPU runs and --quick smoke runs
+
+# Every implementation a benchmark can compare, in table order: the official-equivalent reference
+# run eagerly (nvae_fast's modules forced onto the torch backend), torch.compile of that same
+# reference, and nvae_fast's fast backends picked through the dispatcher.
+IMPLS: tuple[str, ...] = ("eager", "compile", "compile-max-autotune", "triton", "cuda")
+COMPILE_MODES = {"compile": None, "compile-max-autotune": "max-autotune"}
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 @dataclass
@@ -59,6 +80,9 @@ def environment() -> dict[str, Any]:
             total_memory_bytes=props.total_memory,
             cuda_runtime=torch.version.cuda,
             driver=_nvidia_smi("driver_version"),
+            tf32_matmul=torch.backends.cuda.matmul.allow_tf32,
+            tf32_cudnn=torch.backends.cudnn.allow_tf32,
+            cudnn_benchmark=torch.backends.cudnn.benchmark,
         )
     else:
         info["device"] = f"CPU only ({os.cpu_count()} cores): timings are CPU timings"
@@ -120,25 +144,66 @@ def measure(fn: Callable[[Any], Any], input_sets: Sequence[Any], *, warmup: int 
     return Timing(statistics.median(times), min(times), max(times), reps, times)
 
 
-def peak_memory_bytes(fn: Callable[[], Any], device: torch.device) -> int | None:
-    """Peak allocator memory above what was allocated before ``fn`` ran (CUDA only)."""
+def measure_phases(fn: Callable[[Any, Callable[[], None]], Any], input_sets: Sequence[Any], phases: Sequence[str],
+                   *, warmup: int = 3, reps: int = 20, device: torch.device) -> dict[str, Timing]:
+    """Times the phases of ``fn(inputs, mark)``, which calls ``mark()`` once at the end of each of
+    ``phases`` (e.g. forward, backward, optimizer). Returns a :class:`Timing` per phase and one for
+    ``"total"``; on CUDA every mark records an event, so the phases cost no synchronisation."""
+    for i in range(warmup):
+        fn(input_sets[i % len(input_sets)], lambda: None)
+    stamps: list[list[Any]] = []
+    for i in range(reps):
+        marks: list[Any] = []
+
+        def mark(marks: list[Any] = marks) -> None:
+            if device.type == "cuda":
+                event = torch.cuda.Event(enable_timing=True)
+                event.record()
+                marks.append(event)
+            else:
+                marks.append(time.perf_counter())
+
+        mark()
+        fn(input_sets[i % len(input_sets)], mark)
+        if len(marks) != len(phases) + 1:
+            raise RuntimeError(f"the measured function marked {len(marks) - 1} phases, expected {len(phases)}")
+        stamps.append(marks)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        elapsed = [[a.elapsed_time(b) for a, b in zip(m, m[1:])] for m in stamps]
+    else:
+        elapsed = [[(b - a) * 1e3 for a, b in zip(m, m[1:])] for m in stamps]
+    per_phase = {name: [row[j] for row in elapsed] for j, name in enumerate(phases)}
+    per_phase["total"] = [sum(row) for row in elapsed]
+    return {name: Timing(statistics.median(t), min(t), max(t), reps, t) for name, t in per_phase.items()}
+
+
+def peak_memory_bytes(fn: Callable[[], Any], device: torch.device, above_current: bool = True) -> int | None:
+    """Peak allocator memory while ``fn`` runs (CUDA only): above what was allocated before it
+    ran, or with ``above_current=False`` in all (parameters, optimizer state, inputs included)."""
     if device.type != "cuda":
         return None
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
-    before = torch.cuda.memory_allocated(device)
+    before = torch.cuda.memory_allocated(device) if above_current else 0
     fn()
     torch.cuda.synchronize(device)
     return torch.cuda.max_memory_allocated(device) - before
 
 
-def saved_activation_bytes(fn: Callable[[], torch.Tensor]) -> int:
-    """Bytes of the distinct tensors autograd saves for backward while ``fn`` runs its forward."""
+def saved_activation_bytes(fn: Callable[[], Any], exclude: Iterable[torch.Tensor] = ()) -> int:
+    """Bytes of the distinct storages autograd saves for backward while ``fn`` runs its forward.
+
+    Storages of ``exclude`` (pass the module's parameters and buffers: they live anyway) are not
+    counted; inputs that are saved are, since the caller must keep them alive for backward.
+    """
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
     seen: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
-        seen[storage.data_ptr()] = storage.nbytes()
+        if storage.data_ptr() not in skip:
+            seen[storage.data_ptr()] = storage.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -154,6 +219,163 @@ def copy_bandwidth_gbs(device: torch.device, nbytes: int = 1 << 30) -> float | N
     dst = torch.empty_like(src)
     timing = measure(lambda _: dst.copy_(src), [None], warmup=3, reps=20, device=device)
     return 2 * src.numel() / (timing.median_ms * 1e-3) / 1e9
+
+
+def csv_choices(choices: Sequence[str]) -> Callable[[str], list[str]]:
+    """An argparse type: a comma-separated, non-empty subset of ``choices``."""
+    def parse(text: str) -> list[str]:
+        items = [t for t in text.split(",") if t]
+        bad = [t for t in items if t not in choices]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {', '.join(choices)}, got {text!r}")
+        return items
+    return parse
+
+
+def skip_reason(impl: str, device: torch.device, requested: bool = True) -> str | None:
+    """None if ``impl`` (one of :data:`IMPLS`) is timed on ``device``, else why it is not.
+
+    ``requested=False`` means it was not asked for explicitly (``--quick`` leaves torch.compile
+    out unless it is named: compiling takes longer than the rest of a smoke run).
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"unknown implementation {impl!r}; expected one of {', '.join(IMPLS)}")
+    if impl in COMPILE_MODES and not requested:
+        return "not requested (--quick leaves torch.compile out unless --impls names it)"
+    if impl in ("triton", "cuda"):
+        reason = backend.unavailable_reason(impl, device)
+        if reason is not None:
+            return f"not available: {reason}"
+        if impl == "triton" and device.type == "cpu":
+            return "not timed: on the CPU Triton runs in its interpreter, a correctness tool"
+    return None
+
+
+def forced_backend(impl: str) -> str:
+    """The nvae_fast backend an implementation runs under: the references run on ``torch``."""
+    return impl if impl in ("triton", "cuda") else "torch"
+
+
+def compiled(module: torch.nn.Module | Callable[..., Any], impl: str) -> Any:
+    """``module`` itself for eager and backend runs, else ``torch.compile`` of it in ``impl``'s mode.
+
+    Dynamo's caches are cleared first: compiled instances of one class share the code object of
+    ``forward``, and past the recompile limit dynamo would quietly run the rest eagerly.
+    """
+    if impl not in COMPILE_MODES:
+        return module
+    torch._dynamo.reset()
+    return torch.compile(module, mode=COMPILE_MODES[impl])
+
+
+def graph_breaks() -> int:
+    """Graph breaks dynamo has counted since the last ``torch._dynamo.reset()``."""
+    from torch._dynamo.utils import counters
+
+    return sum(counters["graph_break"].values())
+
+
+@contextlib.contextmanager
+def record_dispatch() -> Iterator[dict[str, str]]:
+    """Records, for every fused op the dispatcher routes while the block runs, the backend it chose.
+
+    Yields a dict ``{op: backend}`` filled as calls happen. A benchmark uses it to label what ran
+    (an op without a kernel for the forced backend falls back to its automatic choice) instead of
+    trusting the backend it asked for.
+    """
+    chosen: dict[str, str] = {}
+    original = backend.select
+
+    def select(op: str, device: torch.device, implemented: Sequence[str]) -> str:
+        name = original(op, device, implemented)
+        chosen[op] = name
+        return name
+
+    backend.select = select
+    try:
+        yield chosen
+    finally:
+        backend.select = original
+
+
+def dispatch_verdict(impl: str, chosen: dict[str, str]) -> str | None:
+    """Why a fast-backend row must not be timed, or None.
+
+    A row is skipped when no fused op ran on ``impl`` (timing it would time another backend under
+    this one's name); a partial fallback is timed, and the caller labels which ops ran elsewhere.
+    """
+    if impl not in ("triton", "cuda"):
+        return None
+    if not chosen:
+        return f"not implemented: this benchmark calls no fused op of nvae_fast's {impl} backend"
+    if impl not in chosen.values():
+        ran = ", ".join(f"{op}->{name}" for op, name in sorted(chosen.items()))
+        return f"not implemented: no fused op here has a {impl} kernel ({ran})"
+    return None
+
+
+def output_paths(bench: str, device: torch.device, quick: bool, out: Path | None, tag: str = "") -> tuple[Path, Path]:
+    """The JSON and PNG paths of a run: ``out`` (PNG beside it) if given, else
+    ``results/<bench>_<tag>_<gpu>.json`` for a full GPU run and
+    ``scratch/<bench>_<tag>_<quick|full>_<device>.json`` otherwise, so CPU and smoke runs never
+    land among the committed GPU results."""
+    if out is None:
+        name = f"{bench}_{tag}" if tag else bench
+        if device.type == "cuda" and not quick:
+            out = RESULTS_DIR / f"{name}_{torch.cuda.get_device_name(device).replace(' ', '_')}.json"
+        else:
+            out = SCRATCH_DIR / f"{name}_{'quick' if quick else 'full'}_{device.type}.json"
+    return out, out.with_suffix(".png")
+
+
+def plot_bars(path: Path, rows: list[dict[str, Any]], case_keys: Sequence[str], series_key: str,
+              panels: Sequence[tuple[str, str]], title: str) -> None:
+    """Grouped bar charts in one PNG, one panel per ``(value_key, ylabel)`` of ``panels``: a group
+    per distinct ``case_keys`` tuple, a bar per ``series_key`` value, on a log axis. Rows without
+    the panel's value (not timed, failed) are left out of it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if any(r.get(key) is not None for key, _ in panels)]
+    cases = list(dict.fromkeys(tuple(r[k] for k in case_keys) for r in rows))
+    series = list(dict.fromkeys(r[series_key] for r in rows))
+    width = 0.8 / max(len(series), 1)
+    fig, axes = plt.subplots(len(panels), 1, squeeze=False,
+                             figsize=(max(6.0, len(cases) * max(0.9, 0.3 * len(series)) + 1.5), 1 + 3.5 * len(panels)))
+    for ax, (value_key, ylabel) in zip(axes[:, 0], panels):
+        values = {tuple(r[k] for k in case_keys) + (r[series_key],): r[value_key] for r in rows
+                  if r.get(value_key) is not None}
+        for j, name in enumerate(series):  # one colour per implementation in every panel
+            at = [i for i, c in enumerate(cases) if c + (name,) in values]
+            if at:
+                ax.bar([i + (j - (len(series) - 1) / 2) * width for i in at],
+                       [values[cases[i] + (name,)] for i in at], width, label=name, color=f"C{j % 10}")
+        ax.set_xticks(range(len(cases)))
+        ax.set_xticklabels(["\n".join(str(v) for v in c) for c in cases], fontsize=6)
+        if values and max(values.values()) > 20 * min(values.values()) > 0:
+            ax.set_yscale("log")
+        ax.set_ylabel(ylabel)
+        if values:
+            ax.legend(fontsize=7)
+    axes[0, 0].set_title(textwrap.fill(title, 100), fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def format_report(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    """The table of the timed rows, then one line per implementation and reason for the rest."""
+    timed = [r for r in rows if r.get("status", "").startswith("timed")]
+    lines = [format_table(timed, columns)] if timed else ["(nothing was timed)"]
+    others: dict[tuple[str, str], int] = {}
+    for r in rows:
+        if not r.get("status", "").startswith("timed"):
+            others[(r["impl"], r["status"])] = others.get((r["impl"], r["status"]), 0) + 1
+    lines += [f"{impl}: {status} ({n} case{'s' if n > 1 else ''})" for (impl, status), n in others.items()]
+    return "\n".join(lines)
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:

@@ -3,9 +3,13 @@
 // dtypes, layouts and shapes; this layer re-checks what would crash a kernel and turns every CUDA
 // error into a Python exception.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
+#include <array>
+#include <map>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 #include "nvae_fast.h"
 
@@ -47,6 +51,65 @@ template <typename T>
 T* as(Ptr p) {
   return reinterpret_cast<T*>(p);
 }
+
+nvae::DwConvShape to_dw_shape(int64_t n, int64_t c, int64_t h, int64_t w, int k, int stride, bool upsample) {
+  if (n <= 0 || c <= 0 || h <= 0 || w <= 0) throw std::invalid_argument("n, c, h and w must all be positive");
+  if (k != 3 && k != 5 && k != 7 && k != 11) throw std::invalid_argument("kernel size must be 3, 5, 7 or 11");
+  if (stride != 1 && stride != 2) throw std::invalid_argument("stride must be 1 or 2");
+  if (stride == 2 && upsample) throw std::invalid_argument("upsample needs stride 1");
+  return nvae::DwConvShape{n, c, h, w, k, stride, upsample};
+}
+
+// NormalKLArgs from Python: views {name: (data pointer, (stride_n, stride_c, stride_h, stride_w))}
+// and vectors {name: data pointer} for the fp32 reductions and their gradients.
+using ViewSpec = std::pair<Ptr, std::array<int64_t, 4>>;
+
+nvae::NormalKLArgs to_kl_args(int dtype, std::array<int64_t, 4> shape, bool residual, float temperature,
+                              const std::map<std::string, ViewSpec>& views, const std::map<std::string, Ptr>& vectors) {
+  using A = nvae::NormalKLArgs;
+  static const std::map<std::string, nvae::Strided4 A::*> view_fields = {
+      {"mu_p", &A::mu_p},       {"log_sigma_p", &A::log_sigma_p},
+      {"mu_q", &A::mu_q},       {"log_sigma_q", &A::log_sigma_q},
+      {"eps", &A::eps},         {"z", &A::z},
+      {"log_det", &A::log_det}, {"mu", &A::mu},
+      {"log_sigma", &A::log_sigma}, {"grad_z", &A::grad_z},
+      {"z_out", &A::z_out},     {"d_mu_p", &A::d_mu_p},
+      {"d_log_sigma_p", &A::d_log_sigma_p}, {"d_mu_q", &A::d_mu_q},
+      {"d_log_sigma_q", &A::d_log_sigma_q}, {"d_z", &A::d_z},
+      {"d_log_det", &A::d_log_det}, {"d_mu", &A::d_mu},
+      {"d_log_sigma", &A::d_log_sigma}};
+  A a;
+  a.dtype = to_dtype(dtype);
+  if (shape[0] <= 0 || shape[1] <= 0 || shape[2] <= 0 || shape[3] <= 0) {
+    throw std::invalid_argument("shape (N, C, H, W) must be positive");
+  }
+  a.n = shape[0];
+  a.c = shape[1];
+  a.h = shape[2];
+  a.w = shape[3];
+  a.residual = residual;
+  a.temperature = temperature;
+  for (const auto& [name, spec] : views) {
+    const auto it = view_fields.find(name);
+    if (it == view_fields.end()) throw std::invalid_argument("unknown tensor '" + name + "'");
+    if (spec.first == 0) throw std::invalid_argument("tensor '" + name + "': null device pointer");
+    nvae::Strided4& v = a.*(it->second);
+    v.data = reinterpret_cast<void*>(spec.first);
+    for (int d = 0; d < 4; ++d) v.stride[d] = spec.second[d];
+  }
+  for (const auto& [name, ptr] : vectors) {
+    if (ptr == 0) throw std::invalid_argument("vector '" + name + "': null device pointer");
+    if (name == "grad_kl_all") a.grad_kl_all = as<const float>(ptr);
+    else if (name == "grad_log_q") a.grad_log_q = as<const float>(ptr);
+    else if (name == "grad_log_p") a.grad_log_p = as<const float>(ptr);
+    else if (name == "grad_kl_diag") a.grad_kl_diag = as<const float>(ptr);
+    else if (name == "sums_n") a.sums_n = as<float>(ptr);
+    else if (name == "kl_diag") a.kl_diag = as<float>(ptr);
+    else throw std::invalid_argument("unknown vector '" + name + "'");
+  }
+  return a;
+}
+
 
 }  // namespace
 
@@ -135,4 +198,107 @@ PYBIND11_MODULE(_C, m) {
                    "bn_swish_backward_apply");
       },
       py::call_guard<py::gil_scoped_release>());
+
+  // ---- depthwise stage ----
+  m.def(
+      "dwconv_stage_forward_workspace_bytes",
+      [](int64_t n, int64_t c, int64_t h, int64_t w, int k, int stride, bool upsample, int device) {
+        const nvae::DwConvShape shape = to_dw_shape(n, c, h, w, k, stride, upsample);
+        use_device(device);
+        return nvae::dwconv_stage_forward_workspace_bytes(shape);
+      },
+      py::arg("n"), py::arg("c"), py::arg("h"), py::arg("w"), py::arg("k"), py::arg("stride"), py::arg("upsample"),
+      py::arg("device"));
+
+  m.def(
+      "dwconv_stage_backward_workspace_bytes",
+      [](int64_t n, int64_t c, int64_t h, int64_t w, int k, int stride, bool upsample, int device) {
+        const nvae::DwConvShape shape = to_dw_shape(n, c, h, w, k, stride, upsample);
+        use_device(device);
+        return nvae::dwconv_stage_backward_workspace_bytes(shape);
+      },
+      py::arg("n"), py::arg("c"), py::arg("h"), py::arg("w"), py::arg("k"), py::arg("stride"), py::arg("upsample"),
+      py::arg("device"));
+
+  m.def(
+      "dwconv_stage_forward",
+      [](Ptr a, int dtype, int64_t n, int64_t c, int64_t h, int64_t w, int k, int stride, bool upsample, Ptr scale,
+         Ptr shift, Ptr weight, Ptr out, Ptr mean_c, Ptr var_c, Ptr workspace, size_t workspace_bytes, int device,
+         Ptr stream) {
+        require({a, scale, shift, weight, out, mean_c, var_c, workspace}, "dwconv_stage_forward");
+        const nvae::DwConvShape shape = to_dw_shape(n, c, h, w, k, stride, upsample);
+        use_device(device);
+        check_cuda(nvae::dwconv_stage_forward(as<const void>(a), to_dtype(dtype), shape, as<const float>(scale),
+                                              as<const float>(shift), as<const float>(weight), as<void>(out),
+                                              as<float>(mean_c), as<float>(var_c), as<void>(workspace),
+                                              workspace_bytes, stream_of(stream)),
+                   "dwconv_stage_forward");
+      },
+      py::call_guard<py::gil_scoped_release>());
+
+  m.def(
+      "dwconv_stage_backward",
+      [](Ptr dc, Ptr a, int dtype, int64_t n, int64_t c, int64_t h, int64_t w, int k, int stride, bool upsample,
+         Ptr scale, Ptr shift, Ptr mean_a, Ptr weight, Ptr g, Ptr sums, Ptr dweight, Ptr workspace,
+         size_t workspace_bytes, int device, Ptr stream) {
+        require({dc, a, scale, shift, mean_a, weight, g, sums, dweight, workspace}, "dwconv_stage_backward");
+        const nvae::DwConvShape shape = to_dw_shape(n, c, h, w, k, stride, upsample);
+        use_device(device);
+        check_cuda(nvae::dwconv_stage_backward(as<const void>(dc), as<const void>(a), to_dtype(dtype), shape,
+                                               as<const float>(scale), as<const float>(shift),
+                                               as<const float>(mean_a), as<const float>(weight), as<void>(g),
+                                               as<float>(sums), as<float>(dweight), as<void>(workspace),
+                                               workspace_bytes, stream_of(stream)),
+                   "dwconv_stage_backward");
+      },
+      py::call_guard<py::gil_scoped_release>());
+
+  // ---- residual-normal KL: tensors cross as {name: (pointer, strides)}, fp32 vectors as {name: pointer} ----
+  m.def(
+      "normal_kl_workspace_bytes",
+      [](int dtype, std::array<int64_t, 4> shape, bool residual, const std::map<std::string, ViewSpec>& views,
+         int device) {
+        const nvae::NormalKLArgs args = to_kl_args(dtype, shape, residual, 1.f, views, {});
+        use_device(device);
+        return nvae::normal_kl_workspace_bytes(args);
+      },
+      py::arg("dtype"), py::arg("shape"), py::arg("residual"), py::arg("views"), py::arg("device"));
+
+  using KLReducing = cudaError_t (*)(const nvae::NormalKLArgs&, void*, size_t, cudaStream_t);
+  using KLElementwise = cudaError_t (*)(const nvae::NormalKLArgs&, cudaStream_t);
+  const std::pair<const char*, KLReducing> reducing[] = {{"normal_kl_forward", &nvae::normal_kl_forward},
+                                                         {"flow_kl_forward", &nvae::flow_kl_forward}};
+  for (const auto& [name, fn] : reducing) {
+    m.def(
+        name,
+        [name = std::string(name), fn = fn](int dtype, std::array<int64_t, 4> shape, bool residual,
+                                            const std::map<std::string, ViewSpec>& views,
+                                            const std::map<std::string, Ptr>& vectors, Ptr workspace,
+                                            size_t workspace_bytes, int device, Ptr stream) {
+          const nvae::NormalKLArgs args = to_kl_args(dtype, shape, residual, 1.f, views, vectors);
+          require({workspace}, name.c_str());
+          use_device(device);
+          check_cuda(fn(args, as<void>(workspace), workspace_bytes, stream_of(stream)), name.c_str());
+        },
+        py::arg("dtype"), py::arg("shape"), py::arg("residual"), py::arg("views"), py::arg("vectors"),
+        py::arg("workspace"), py::arg("workspace_bytes"), py::arg("device"), py::arg("stream"),
+        py::call_guard<py::gil_scoped_release>());
+  }
+  const std::pair<const char*, KLElementwise> elementwise[] = {{"normal_kl_backward", &nvae::normal_kl_backward},
+                                                               {"flow_kl_backward", &nvae::flow_kl_backward},
+                                                               {"normal_sample_forward", &nvae::normal_sample_forward},
+                                                               {"normal_sample_backward", &nvae::normal_sample_backward}};
+  for (const auto& [name, fn] : elementwise) {
+    m.def(
+        name,
+        [name = std::string(name), fn = fn](int dtype, std::array<int64_t, 4> shape, bool residual, float temperature,
+                                            const std::map<std::string, ViewSpec>& views,
+                                            const std::map<std::string, Ptr>& vectors, int device, Ptr stream) {
+          const nvae::NormalKLArgs args = to_kl_args(dtype, shape, residual, temperature, views, vectors);
+          use_device(device);
+          check_cuda(fn(args, stream_of(stream)), name.c_str());
+        },
+        py::arg("dtype"), py::arg("shape"), py::arg("residual"), py::arg("temperature"), py::arg("views"),
+        py::arg("vectors"), py::arg("device"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+  }
 }

@@ -195,21 +195,21 @@ int64_t reduce_chunks(const ActShape& s) {
 }
 
 template <class Op, typename T, int VEC>
-void launch_partial(const T* x, const T* dy, const ActShape& s, const float* scale, const float* shift,
-                    const float* mean, float* ws, int64_t chunks, cudaStream_t stream) {
+cudaError_t launch_partial(const T* x, const T* dy, const ActShape& s, const float* scale, const float* shift,
+                           const float* mean, float* ws, int64_t chunks, cudaStream_t stream) {
   const int64_t m = s.n * s.hw;
   if (s.channels_last) {
     int tx = 1;
     while (tx < 32 && tx * VEC < s.c) tx *= 2;
     const dim3 block(tx, kThreads / tx);
     const dim3 grid(static_cast<unsigned>(ceil_div(s.c, tx * VEC)), static_cast<unsigned>(chunks));
-    reduce_nhwc_partial<Op, T, VEC>
-        <<<grid, block, 0, stream>>>(x, dy, m, s.c, ceil_div(m, chunks), scale, shift, mean, ws, chunks);
+    return launch(reduce_nhwc_partial<Op, T, VEC>, grid, block, 0, stream, x, dy, m, s.c, ceil_div(m, chunks), scale,
+                  shift, mean, ws, chunks);
   } else {
     const int64_t units = m / VEC;
     const dim3 grid(static_cast<unsigned>(s.c), static_cast<unsigned>(chunks));
-    reduce_nchw_partial<Op, T, VEC><<<grid, kThreads, 0, stream>>>(x, dy, s.n, s.c, s.hw, ceil_div(units, chunks),
-                                                                    scale, shift, mean, ws, chunks);
+    return launch(reduce_nchw_partial<Op, T, VEC>, grid, dim3(kThreads), 0, stream, x, dy, s.n, s.c, s.hw,
+                  ceil_div(units, chunks), scale, shift, mean, ws, chunks);
   }
 }
 
@@ -223,19 +223,21 @@ cudaError_t channel_reduce(const void* x, const void* dy, DType dtype, const Act
     return cudaErrorInvalidValue;
   }
   float* ws = static_cast<float*>(workspace);
+  cudaError_t err = cudaSuccess;
   NVAE_DISPATCH_DTYPE(dtype, T, {
     const T* xt = static_cast<const T*>(x);
     const T* dyt = static_cast<const T*>(dy);
     constexpr int kVec = 16 / sizeof(T);
     const int vec = pick_vec<T>(s.channels_last ? s.c : s.hw, {x, dy});
     if (vec == kVec) {
-      launch_partial<Op, T, kVec>(xt, dyt, s, scale, shift, mean, ws, chunks, stream);
+      err = launch_partial<Op, T, kVec>(xt, dyt, s, scale, shift, mean, ws, chunks, stream);
     } else {
-      launch_partial<Op, T, 1>(xt, dyt, s, scale, shift, mean, ws, chunks, stream);
+      err = launch_partial<Op, T, 1>(xt, dyt, s, scale, shift, mean, ws, chunks, stream);
     }
   });
-  reduce_finalize<Op><<<static_cast<unsigned>(ceil_div(s.c, 128)), 128, 0, stream>>>(ws, chunks, s.c, out0, out1);
-  return cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  return launch(reduce_finalize<Op>, dim3(static_cast<unsigned>(ceil_div(s.c, 128))), dim3(128), 0, stream, ws, chunks,
+                s.c, out0, out1);
 }
 
 // y = swish(x * scale + shift), or (kBackward) dx = scale * g + coef_xmu * (x - mean) + coef_const.
@@ -275,18 +277,14 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 template <bool kBackward, typename T, int VEC>
-void launch_elementwise_vec(const T* x, const T* dy, T* out, const ActShape& s, const float* scale,
-                            const float* shift, const float* mean, const float* coef_xmu, const float* coef_const,
-                            cudaStream_t stream) {
+cudaError_t launch_elementwise_vec(const T* x, const T* dy, T* out, const ActShape& s, const float* scale,
+                                   const float* shift, const float* mean, const float* coef_xmu,
+                                   const float* coef_const, cudaStream_t stream) {
   const int64_t total = s.n * s.c * s.hw / VEC;
   const auto blocks = static_cast<unsigned>(std::min<int64_t>(ceil_div(total, kThreads), 32LL * sm_count()));
-  if (s.channels_last) {
-    elementwise<kBackward, T, VEC, true>
-        <<<blocks, kThreads, 0, stream>>>(x, dy, out, total, s.c, s.hw, scale, shift, mean, coef_xmu, coef_const);
-  } else {
-    elementwise<kBackward, T, VEC, false>
-        <<<blocks, kThreads, 0, stream>>>(x, dy, out, total, s.c, s.hw, scale, shift, mean, coef_xmu, coef_const);
-  }
+  auto* kernel = s.channels_last ? elementwise<kBackward, T, VEC, true> : elementwise<kBackward, T, VEC, false>;
+  return launch(kernel, dim3(blocks), dim3(kThreads), 0, stream, x, dy, out, total, s.c, s.hw, scale, shift, mean,
+                coef_xmu, coef_const);
 }
 
 template <bool kBackward>
@@ -294,18 +292,20 @@ cudaError_t launch_elementwise(const void* x, const void* dy, void* out, DType d
                                const float* scale, const float* shift, const float* mean, const float* coef_xmu,
                                const float* coef_const, cudaStream_t stream) {
   if (s.n <= 0 || s.c <= 0 || s.hw <= 0) return cudaErrorInvalidValue;
+  cudaError_t err = cudaSuccess;
   NVAE_DISPATCH_DTYPE(dtype, T, {
     constexpr int kVec = 16 / sizeof(T);
     const T* xt = static_cast<const T*>(x);
     const T* dyt = static_cast<const T*>(dy);
     T* ot = static_cast<T*>(out);
     if (pick_vec<T>(s.channels_last ? s.c : s.hw, {x, dy, out}) == kVec) {
-      launch_elementwise_vec<kBackward, T, kVec>(xt, dyt, ot, s, scale, shift, mean, coef_xmu, coef_const, stream);
+      err = launch_elementwise_vec<kBackward, T, kVec>(xt, dyt, ot, s, scale, shift, mean, coef_xmu, coef_const,
+                                                       stream);
     } else {
-      launch_elementwise_vec<kBackward, T, 1>(xt, dyt, ot, s, scale, shift, mean, coef_xmu, coef_const, stream);
+      err = launch_elementwise_vec<kBackward, T, 1>(xt, dyt, ot, s, scale, shift, mean, coef_xmu, coef_const, stream);
     }
   });
-  return cudaGetLastError();
+  return err;
 }
 
 }  // namespace

@@ -7,6 +7,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <initializer_list>
 
 #include "nvae_fast.h"
 
@@ -67,6 +68,28 @@ inline int pick_vec(int64_t extent, std::initializer_list<const void*> ptrs) {
 int sm_count();
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Division rounding towards minus infinity (b > 0), for window origins left of the image.
+__host__ __device__ __forceinline__ int64_t floor_div(int64_t a, int64_t b) {
+  return a >= 0 ? a / b : -((-a + b - 1) / b);
+}
+
+#ifdef __CUDACC__
+// The block's dynamic shared memory as floats. Host-compiler builds of the kernels (the CPU
+// emulation in tests/cuda_emulation/) provide their own definitions of this and of launch().
+__device__ __forceinline__ float* shared_floats() {
+  extern __shared__ __align__(16) float nvae_dynamic_smem[];
+  return nvae_dynamic_smem;
+}
+
+// Launches kernel<<<grid, block, smem_bytes, stream>>>(args...) and returns the launch's error.
+template <typename... Params, typename... Args>
+cudaError_t launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem_bytes, cudaStream_t stream,
+                   Args&&... args) {
+  kernel<<<grid, block, smem_bytes, stream>>>(static_cast<Params>(args)...);
+  return cudaGetLastError();
+}
+#endif
 
 }  // namespace nvae
 

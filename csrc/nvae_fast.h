@@ -51,4 +51,90 @@ cudaError_t bn_swish_backward_apply(const void* dy, const void* x, void* dx, DTy
                                     const float* scale, const float* shift, const float* mean,
                                     const float* coef_xmu, const float* coef_const, cudaStream_t stream);
 
+// ---- Depthwise stage of the fused generative cell (nvae_fast/ops/dwconv_stage.py) ---------------
+//
+// a (N, C, H, W) channels-last in `dtype`; scale, shift, mean_a fp32 (C,); weight fp32 laid out
+// tap-major (K * K, C): weight[(ky * K + kx) * C + c] is the official weight[c, 0, ky, kx].
+// Forward:   b = swish(a * scale + shift), nearest-2x upsampled with `upsample`;
+//            c = depthwise_conv(b, weight, stride, padding K / 2)       (N, C, Ho, Wo) channels-last
+//            mean_c, var_c: fp32 batch mean and biased variance of c (before rounding to dtype)
+// Backward:  dc (N, C, Ho, Wo) channels-last in `dtype`;
+//            g = (transposed conv of dc, summed per 2x2 block with upsample) * swish'(a * scale + shift)
+//            sums[0 * C + c] = sum g, sums[1 * C + c] = sum g * (a - mean_a)   (fp32 of the unrounded g)
+//            dweight[c * K * K + ky * K + kx] = sum over n, outputs of dc * b at the tap   (fp32 (C, K, K))
+// Ho = (Hi + 2 (K / 2) - K) / stride + 1 with Hi = 2H if upsample else H (same for W).
+// Reductions are deterministic (fixed-order merges of per-block partials in the workspace).
+
+struct DwConvShape {
+  int64_t n, c, h, w;  // a
+  int k;               // 3, 5, 7 or 11
+  int stride;          // 1 or 2
+  bool upsample;       // stride 1 only
+};
+
+// Bytes of workspace each pass needs for this shape on the current device.
+size_t dwconv_stage_forward_workspace_bytes(const DwConvShape& shape);
+size_t dwconv_stage_backward_workspace_bytes(const DwConvShape& shape);
+
+cudaError_t dwconv_stage_forward(const void* a, DType dtype, const DwConvShape& shape, const float* scale,
+                                 const float* shift, const float* weight, void* c, float* mean_c, float* var_c,
+                                 void* workspace, size_t workspace_bytes, cudaStream_t stream);
+
+cudaError_t dwconv_stage_backward(const void* dc, const void* a, DType dtype, const DwConvShape& shape,
+                                  const float* scale, const float* shift, const float* mean_a, const float* weight,
+                                  void* g, float* sums, float* dweight, void* workspace, size_t workspace_bytes,
+                                  cudaStream_t stream);
+
+// ---- Residual-normal latent groups (nvae_fast/ops/normal_kl.py) ------------------------------------
+//
+// Every tensor is a strided (N, C, H, W) view in `dtype` (element strides, any order, may overlap
+// for inputs); data == nullptr marks an absent tensor. A distribution (mu, log_sigma) means
+// mu' = 5 tanh(mu / 5), sigma = exp(5 tanh(log_sigma / 5)) + 0.01; an absent prior is the standard
+// one (mu' = 0, sigma = 1.01). Posterior q = (mu_p + mu_q, log_sigma_p + log_sigma_q) if residual
+// (and a prior is given), else (mu_q, log_sigma_q). fp32 math throughout.
+//
+//   normal_kl_forward      reads mu_p, log_sigma_p, mu_q, log_sigma_q, eps;  writes z = mu_q' + sigma_q eps,
+//                          sums_n and kl_diag of kl = 0.5 (((mu_q' - mu_p') / sigma_p)^2 + (sigma_q / sigma_p)^2)
+//                          - 0.5 - log(sigma_q / sigma_p), log_q = log q(z), log_p = log p(z)
+//   flow_kl_forward        reads mu_p, log_sigma_p, log_sigma_q, eps, z, log_det;  writes sums_n, kl_diag of
+//                          log_q = -eps^2 / 2 - log(2 pi) / 2 - log sigma_q - log_det, log_p = log p(z), kl = log_q - log_p
+//   normal_sample_forward  reads mu, log_sigma, eps;  writes z = mu' + temperature * sigma * eps
+//   *_backward             the gradients of the forward outputs' sum against grad_z (element-wise, absent =
+//                          zeros) and grad_kl_all, grad_log_q, grad_log_p (N,), grad_kl_diag (C,) (nullptr =
+//                          zeros), written to the d_* views that are present.
+// sums_n: fp32 (3, N) = kl_all, log_q, log_p (sums over C, H, W); kl_diag: fp32 (C,) = mean over N of
+// sums over H, W of kl.
+
+struct Strided4 {
+  void* data = nullptr;
+  int64_t stride[4] = {0, 0, 0, 0};
+};
+
+struct NormalKLArgs {
+  DType dtype = DType::kFloat32;
+  int64_t n = 0, c = 0, h = 0, w = 0;
+  bool residual = true;
+  float temperature = 1.f;
+  Strided4 mu_p, log_sigma_p, mu_q, log_sigma_q, eps, z, log_det;  // inputs
+  Strided4 mu, log_sigma;                                          // normal_sample's distribution
+  Strided4 grad_z;                                                 // input of the backward passes
+  const float* grad_kl_all = nullptr;
+  const float* grad_log_q = nullptr;
+  const float* grad_log_p = nullptr;
+  const float* grad_kl_diag = nullptr;
+  Strided4 z_out, d_mu_p, d_log_sigma_p, d_mu_q, d_log_sigma_q, d_z, d_log_det, d_mu, d_log_sigma;  // outputs
+  float* sums_n = nullptr;
+  float* kl_diag = nullptr;
+};
+
+// Bytes of workspace the two forward reductions need for this shape on the current device.
+size_t normal_kl_workspace_bytes(const NormalKLArgs& args);
+
+cudaError_t normal_kl_forward(const NormalKLArgs& args, void* workspace, size_t workspace_bytes, cudaStream_t stream);
+cudaError_t normal_kl_backward(const NormalKLArgs& args, cudaStream_t stream);
+cudaError_t flow_kl_forward(const NormalKLArgs& args, void* workspace, size_t workspace_bytes, cudaStream_t stream);
+cudaError_t flow_kl_backward(const NormalKLArgs& args, cudaStream_t stream);
+cudaError_t normal_sample_forward(const NormalKLArgs& args, cudaStream_t stream);
+cudaError_t normal_sample_backward(const NormalKLArgs& args, cudaStream_t stream);
+
 }  // namespace nvae

@@ -30,7 +30,7 @@ def _shape(x: torch.Tensor, channels_last: bool) -> tuple[int, int, int, bool]:
 
 
 def _workspace(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
-    nbytes = ext().bn_reduce_workspace_bytes(*_shape(x, channels_last), x.device.index)
+    nbytes = ext().bn_reduce_workspace_bytes(*_shape(x, channels_last), launch_context(x)[0])
     return torch.empty(nbytes, dtype=torch.uint8, device=x.device)
 
 

@@ -17,11 +17,16 @@ def ext() -> ModuleType:
     return _ext.extension()
 
 
+def require_cuda(name: str, x: torch.Tensor) -> None:
+    """Raises unless x lives on a CUDA device: the kernels dereference its pointer there."""
+    if not x.is_cuda:
+        raise ValueError(f"{name} must be a CUDA tensor for the cuda backend, got device {x.device}")
+
+
 def check_cuda_tensors(name: str, x: torch.Tensor, **fp32_params: torch.Tensor) -> None:
     """Raises before any launch unless x is a CUDA tensor of a kernel dtype and every per-channel
     parameter is a contiguous fp32 tensor on x's device. Kernels would otherwise read garbage."""
-    if not x.is_cuda:
-        raise ValueError(f"{name} must be a CUDA tensor for the cuda backend, got device {x.device}")
+    require_cuda(name, x)
     if x.dtype not in DTYPE_CODES:
         raise TypeError(f"{name} must be float32, float16 or bfloat16 for the cuda backend, got {x.dtype}")
     for pname, p in fp32_params.items():

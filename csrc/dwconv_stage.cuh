@@ -1,0 +1,550 @@
+// The depthwise stage of the fused generative cell (contract: nvae_fast/ops/dwconv_stage.py):
+// tiling plan, shared-memory window loaders and the three kernels. Launch code lives in
+// dwconv_stage_forward.cu and dwconv_stage_backward.cu.
+//
+// Every kernel works on channels-last tensors, one image n, one tile of positions and one slice
+// of 32 channels per block of 256 threads (8 warps). Lane l of every warp owns channel c0 + l, so
+// shared-memory reads of a warp are 32 consecutive floats (conflict-free) and every branch on a
+// spatial coordinate is warp-uniform. Global loads and stores of a window go through 16-byte
+// vectors (4 x fp32, 8 x fp16/bf16) when C allows, scalar otherwise; the window is kept in fp32.
+//
+//   forward       b = swish(a * scale + shift) on the tile plus its halo (nearest-2x upsampled
+//                 view of a with `upsample`) -> c = dwconv(b); Welford partials of c per channel.
+//   input grad    db = transposed dwconv(dc) at the conv input resolution, summed over each 2x2
+//                 block with `upsample`; g = db * swish'(a * scale + shift); partial sums of g and
+//                 g * (a - mean_a) per channel.
+//   weight grad   dweight[c, ky, kx] = sum over outputs of dc * b at the tap's offset; each block
+//                 sums a fixed run of tiles in registers, then one partial per block.
+// Partials are merged in a fixed order by reduce.cu's finalize kernels: deterministic, no atomics.
+// Each thread computes kRun neighbouring outputs of a row (register blocking), so one window value
+// read from shared memory feeds up to K multiply-adds.
+#pragma once
+
+#include <algorithm>
+#include <limits>
+
+#include "common.cuh"
+#include "reduce.cuh"
+
+namespace nvae {
+namespace dw {
+
+constexpr int kThreads = 256;
+constexpr int kMinBlocks = 2;  // blocks per SM: a stated budget of 128 registers per thread
+constexpr int kWarps = kThreads / 32;
+constexpr int kSlice = 32;                  // channels per block, one per lane
+constexpr int kRun = 4;                     // outputs per thread along a row
+constexpr int kSmemBudget = 48 * 1024;      // dynamic shared memory per block, no opt-in needed
+constexpr int kMaxTileRows = 64;
+constexpr int kMaxTileCols = 32;
+
+enum class Pass : int { kForward, kInputGrad, kWeightGrad };
+
+inline bool supported(const DwConvShape& s) {
+  const bool k_ok = s.k == 3 || s.k == 5 || s.k == 7 || s.k == 11;
+  const bool stride_ok = s.stride == 1 || (s.stride == 2 && !s.upsample);
+  return s.n > 0 && s.c > 0 && s.h > 0 && s.w > 0 && k_ok && stride_ok;
+}
+
+// Rows of taps one weight-grad block accumulates in registers (tap_rows(K) * K floats per thread).
+__host__ __device__ constexpr int tap_rows(int k) { return k <= 7 ? k : 6; }
+
+// One launch's geometry: the problem, the tile and the shared-memory layout. Passed by value.
+struct Geometry {
+  int64_t n, c;            // batch, channels
+  int64_t h, w;            // a (low resolution with upsample)
+  int64_t hi, wi;          // conv input: (2h, 2w) with upsample, else (h, w)
+  int64_t ho, wo;          // conv output
+  int k, pad, stride, up;  // up = 1 with upsample (window rows map to source row >> 1), else 0
+  int th, tw;              // tile: output positions (forward, weight grad) or positions of a (input grad)
+  int win_h, win_w;        // the halo window of the tile (b, or dc for the input grad)
+  int64_t tiles_y, tiles_x, cblocks;
+  int64_t second_offset;   // floats from the window to the second buffer (output / a / dc tile)
+  int64_t smem_bytes;
+
+  __host__ __device__ int64_t tiles() const { return n * tiles_y * tiles_x; }
+};
+
+inline void window_dims(Pass pass, int k, int stride, int up, int th, int tw, int& win_h, int& win_w) {
+  if (pass != Pass::kInputGrad) {  // the input positions the tile's outputs read
+    win_h = (th - 1) * stride + k;
+    win_w = (tw - 1) * stride + k;
+  } else if (stride == 1) {  // the outputs that read the tile's (upsampled) positions
+    win_h = (th << up) + k - 1;
+    win_w = (tw << up) + k - 1;
+  } else {  // floor((y + pad) / 2) - floor((y0 - pad) / 2) + 1 over the tile's rows y, at most this
+    win_h = (th + k - 2) / 2 + 2;
+    win_w = (tw + k - 2) / 2 + 2;
+  }
+}
+
+// Positions (of kSlice floats) of the scratch that the end-of-block reduction reuses the window for.
+inline int scratch_positions(Pass pass, int k) {
+  switch (pass) {
+    case Pass::kForward: return kWarps * 3;       // Welford count, mean, m2 per warp
+    case Pass::kInputGrad: return kWarps * 2;     // sum g, sum g * (a - mean) per warp
+    case Pass::kWeightGrad: return tap_rows(k) * k;
+  }
+  return 0;
+}
+
+// Chooses the tile (th, tw) that minimises a cost model of the whole pass: window positions loaded
+// (global reads + Swish) plus multiply-adds, with idle warps counted as lost time.
+inline Geometry plan(Pass pass, int64_t n, int64_t c, int64_t h, int64_t w, int k, int stride, bool upsample) {
+  Geometry g{};
+  g.n = n;
+  g.c = c;
+  g.h = h;
+  g.w = w;
+  g.k = k;
+  g.pad = k / 2;
+  g.stride = stride;
+  g.up = upsample ? 1 : 0;
+  g.hi = h << g.up;
+  g.wi = w << g.up;
+  g.ho = (g.hi + 2 * g.pad - k) / stride + 1;
+  g.wo = (g.wi + 2 * g.pad - k) / stride + 1;
+  g.cblocks = ceil_div(c, kSlice);
+
+  const int64_t span_y = pass == Pass::kInputGrad ? h : g.ho;
+  const int64_t span_x = pass == Pass::kInputGrad ? w : g.wo;
+  const int macs_per_position = k * k * (pass == Pass::kInputGrad ? (1 << (2 * g.up)) : 1);
+  const int scratch = scratch_positions(pass, k);
+  double best = std::numeric_limits<double>::infinity();
+  for (int tw = kRun; tw <= kMaxTileCols; tw *= 2) {
+    if (tw > kRun && tw / 2 >= span_x) break;  // the previous width already spans the image
+    const int64_t rows_max = std::min<int64_t>(span_y, kMaxTileRows);
+    for (int th = 1; th <= rows_max; ++th) {
+      int win_h = 0, win_w = 0;
+      window_dims(pass, k, stride, g.up, th, tw, win_h, win_w);
+      const int64_t first = std::max<int64_t>(static_cast<int64_t>(win_h) * win_w, scratch);
+      const int64_t bytes = (first + th * tw) * kSlice * static_cast<int64_t>(sizeof(float));
+      if (bytes > kSmemBudget) break;
+      const int64_t tiles = ceil_div(span_y, th) * ceil_div(span_x, tw);
+      const int busy_warps = std::min(th * tw / kRun, kWarps);
+      const double cost = static_cast<double>(tiles) *
+                          (8.0 * win_h * win_w + static_cast<double>(th) * tw * macs_per_position * kWarps / busy_warps);
+      if (cost < best) {
+        best = cost;
+        g.th = th;
+        g.tw = tw;
+        g.win_h = win_h;
+        g.win_w = win_w;
+        g.second_offset = first * kSlice;
+        g.smem_bytes = bytes;
+      }
+    }
+  }
+  g.tiles_y = ceil_div(span_y, g.th);
+  g.tiles_x = ceil_div(span_x, g.tw);
+  return g;
+}
+
+// ---- shared-memory windows ---------------------------------------------------------------------
+
+template <int VEC>
+__device__ __forceinline__ void put_floats(float* dst, const float (&v)[VEC]) {
+  if constexpr (VEC % 4 == 0) {
+#pragma unroll
+    for (int i = 0; i < VEC; i += 4) *reinterpret_cast<float4*>(dst + i) = make_float4(v[i], v[i + 1], v[i + 2], v[i + 3]);
+  } else {
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) dst[i] = v[i];
+  }
+}
+
+template <int VEC>
+__device__ __forceinline__ void get_floats(const float* src, float (&v)[VEC]) {
+  if constexpr (VEC % 4 == 0) {
+#pragma unroll
+    for (int i = 0; i < VEC; i += 4) {
+      const float4 q = *reinterpret_cast<const float4*>(src + i);
+      v[i] = q.x;
+      v[i + 1] = q.y;
+      v[i + 2] = q.z;
+      v[i + 3] = q.w;
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) v[i] = src[i];
+  }
+}
+
+// buf[(r * cols + q) * kSlice + j] = f(src[(y >> up, x >> up), c0 + j]) for window position (r, q),
+// y = y0 + r, x = x0 + q, where f is swish(v * scale + shift) (identity when scale is null). Zero
+// where (y, x) falls outside the (upsampled) image [0, src_h << up) x [0, src_w << up) and for
+// channels >= C: the conv's zero padding. src points at image n (src_h x src_w x C, channels-last).
+// kGroups = kSlice / VEC threads share a position; each keeps one channel group for the whole loop.
+template <int VEC, typename T>
+__device__ __forceinline__ void load_window_impl(const T* __restrict__ src, int64_t C, int64_t src_h, int64_t src_w,
+                                                 int up, int64_t c0, int64_t y0, int64_t x0, int rows, int cols,
+                                                 const float* __restrict__ scale, const float* __restrict__ shift,
+                                                 float* buf) {
+  constexpr int kGroups = kSlice / VEC;
+  const int group = threadIdx.x % kGroups;
+  const int64_t cg = c0 + group * VEC;
+  const bool channels_ok = cg < C;  // VEC > 1 only when C % VEC == 0: then the whole vector is in range
+  float sc[VEC], sh[VEC];
+  const bool swish = scale != nullptr;
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) {
+    sc[i] = swish && channels_ok ? scale[cg + i] : 0.f;
+    sh[i] = swish && channels_ok ? shift[cg + i] : 0.f;
+  }
+  const int64_t img_h = src_h << up, img_w = src_w << up;
+  for (int idx = threadIdx.x / kGroups; idx < rows * cols; idx += kThreads / kGroups) {
+    const int r = idx / cols;
+    const int q = idx - r * cols;
+    const int64_t y = y0 + r, x = x0 + q;
+    float v[VEC];
+    if (channels_ok && y >= 0 && y < img_h && x >= 0 && x < img_w) {
+      load_vec<T, VEC>(src + ((y >> up) * src_w + (x >> up)) * C + cg, v);
+      if (swish) {
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) {
+          const float z = fmaf(v[i], sc[i], sh[i]);
+          v[i] = z * sigmoidf_fast(z);
+        }
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) v[i] = 0.f;
+    }
+    put_floats<VEC>(buf + idx * kSlice + group * VEC, v);
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void load_window(bool vec, const T* src, int64_t C, int64_t src_h, int64_t src_w, int up,
+                                            int64_t c0, int64_t y0, int64_t x0, int rows, int cols,
+                                            const float* scale, const float* shift, float* buf) {
+  if (vec) {
+    load_window_impl<16 / sizeof(T), T>(src, C, src_h, src_w, up, c0, y0, x0, rows, cols, scale, shift, buf);
+  } else {
+    load_window_impl<1, T>(src, C, src_h, src_w, up, c0, y0, x0, rows, cols, scale, shift, buf);
+  }
+}
+
+// dst[(y0 + r, x0 + q), c0 + j] = buf[(r * cols + q) * kSlice + j], rounded to T, for positions
+// inside dst_h x dst_w and channels < C. dst points at image n (channels-last); y0, x0 >= 0.
+template <int VEC, typename T>
+__device__ __forceinline__ void store_tile_impl(const float* buf, int rows, int cols, T* __restrict__ dst, int64_t C,
+                                                int64_t dst_h, int64_t dst_w, int64_t c0, int64_t y0, int64_t x0) {
+  constexpr int kGroups = kSlice / VEC;
+  const int group = threadIdx.x % kGroups;
+  const int64_t cg = c0 + group * VEC;
+  if (cg >= C) return;  // no barrier follows in this function
+  for (int idx = threadIdx.x / kGroups; idx < rows * cols; idx += kThreads / kGroups) {
+    const int r = idx / cols;
+    const int q = idx - r * cols;
+    const int64_t y = y0 + r, x = x0 + q;
+    if (y < dst_h && x < dst_w) {
+      float v[VEC];
+      get_floats<VEC>(buf + idx * kSlice + group * VEC, v);
+      store_vec<T, VEC>(dst + (y * dst_w + x) * C + cg, v);
+    }
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void store_tile(bool vec, const float* buf, int rows, int cols, T* dst, int64_t C,
+                                           int64_t dst_h, int64_t dst_w, int64_t c0, int64_t y0, int64_t x0) {
+  if (vec) {
+    store_tile_impl<16 / sizeof(T), T>(buf, rows, cols, dst, C, dst_h, dst_w, c0, y0, x0);
+  } else {
+    store_tile_impl<1, T>(buf, rows, cols, dst, C, dst_h, dst_w, c0, y0, x0);
+  }
+}
+
+// The lane's K x K filter, weight laid out tap-major: weight[(ky * K + kx) * C + c]. Up to 7 x 7
+// it lives in registers. An 11 x 11 filter (121 registers) is read a row at a time through the
+// read-only cache instead, in a loop over rows that stays rolled (unrolled, the compiler would
+// hoist all 121 loads into registers again), which keeps the kernels free of spills. Lanes past C
+// read channel C - 1 (their results are never stored).
+template <int K>
+struct Filter {
+  static constexpr bool kInRegisters = K <= 7;
+  static constexpr int kRowUnroll = kInRegisters ? K : 1;
+  float tap[kInRegisters ? K * K : 1];
+  const float* __restrict__ column;  // weight + c: tap t at column[t * C]
+  int64_t C;
+
+  __device__ __forceinline__ Filter(const float* __restrict__ weight, int64_t C_, int64_t c)
+      : column(weight + (c < C_ ? c : C_ - 1)), C(C_) {
+    if constexpr (kInRegisters) {
+#pragma unroll
+      for (int t = 0; t < K * K; ++t) tap[t] = column[t * C];
+    }
+  }
+
+  __device__ __forceinline__ void row(int ky, float (&out)[K]) const {
+#pragma unroll
+    for (int kx = 0; kx < K; ++kx) out[kx] = kInRegisters ? tap[ky * K + kx] : __ldg(column + (ky * K + kx) * C);
+  }
+};
+
+// Block index -> (image, tile row, tile column, channel block); channel blocks vary fastest.
+struct TileIndex {
+  int64_t n, ty, tx, cb, tile;  // tile = (n * tiles_y + ty) * tiles_x + tx
+  __device__ __forceinline__ TileIndex(const Geometry& g, int64_t block) {
+    cb = block % g.cblocks;
+    tile = block / g.cblocks;
+    tx = tile % g.tiles_x;
+    const int64_t rest = tile / g.tiles_x;
+    ty = rest % g.tiles_y;
+    n = rest / g.tiles_y;
+  }
+};
+
+// ---- forward -----------------------------------------------------------------------------------
+
+// Grid: n * tiles_y * tiles_x * cblocks blocks of kThreads. Writes c and Welford partials
+// partials[(tile * 3 + {count, mean, m2}) * C + c] of the fp32 (unrounded) outputs.
+template <typename T, int K, int S>
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
+    forward_kernel(Geometry g, const T* __restrict__ a, const float* __restrict__ scale,
+                   const float* __restrict__ shift, const float* __restrict__ weight, T* __restrict__ out,
+                   float* __restrict__ partials, bool vec) {
+  float* win = shared_floats();
+  float* tile_out = win + g.second_offset;
+  const TileIndex ti(g, blockIdx.x);
+  const int64_t C = g.c;
+  const int64_t c0 = ti.cb * kSlice;
+  const int64_t oy0 = ti.ty * g.th, ox0 = ti.tx * g.tw;
+
+  load_window(vec, a + ti.n * g.h * g.w * C, C, g.h, g.w, g.up, c0, oy0 * S - g.pad, ox0 * S - g.pad, g.win_h,
+              g.win_w, scale, shift, win);
+  __syncthreads();
+
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int64_t c = c0 + lane;
+  const Filter<K> f(weight, C, c);
+  Welford stats;
+  const int segs_x = g.tw / kRun;
+  for (int seg = warp; seg < g.th * segs_x; seg += kWarps) {
+    const int sy = seg / segs_x, sx = seg - sy * segs_x;
+    float acc[kRun] = {};
+#pragma unroll Filter<K>::kRowUnroll
+    for (int ky = 0; ky < K; ++ky) {
+      float taps[K];
+      f.row(ky, taps);
+      const float* row = win + ((sy * S + ky) * g.win_w + sx * kRun * S) * kSlice + lane;
+#pragma unroll
+      for (int m = 0; m < S * (kRun - 1) + K; ++m) {
+        const float v = row[m * kSlice];
+#pragma unroll
+        for (int r = 0; r < kRun; ++r) {
+          const int kx = m - S * r;
+          if (kx >= 0 && kx < K) acc[r] = fmaf(taps[kx], v, acc[r]);
+        }
+      }
+    }
+    const bool row_ok = c < C && oy0 + sy < g.ho;
+#pragma unroll
+    for (int r = 0; r < kRun; ++r) {
+      tile_out[(sy * g.tw + sx * kRun + r) * kSlice + lane] = acc[r];
+      if (row_ok && ox0 + sx * kRun + r < g.wo) stats.push(acc[r]);
+    }
+  }
+  __syncthreads();  // tile_out complete; the window is free for the statistics scratch
+
+  store_tile(vec, tile_out, g.th, g.tw, out + ti.n * g.ho * g.wo * C, C, g.ho, g.wo, c0, oy0, ox0);
+  win[(warp * 3 + 0) * kSlice + lane] = stats.count;
+  win[(warp * 3 + 1) * kSlice + lane] = stats.mean;
+  win[(warp * 3 + 2) * kSlice + lane] = stats.m2;
+  __syncthreads();
+  if (warp == 0 && c < C) {
+    Welford acc;
+    for (int w = 0; w < kWarps; ++w) {
+      Welford part;
+      part.count = win[(w * 3 + 0) * kSlice + lane];
+      part.mean = win[(w * 3 + 1) * kSlice + lane];
+      part.m2 = win[(w * 3 + 2) * kSlice + lane];
+      acc = Welford::merge(acc, part);
+    }
+    partials[(ti.tile * 3 + 0) * C + c] = acc.count;
+    partials[(ti.tile * 3 + 1) * C + c] = acc.mean;
+    partials[(ti.tile * 3 + 2) * C + c] = acc.m2;
+  }
+}
+
+// ---- input gradient ----------------------------------------------------------------------------
+
+// Tiles cover positions of a. For a conv-input position i (row or column) the output o that tap k
+// connects it to satisfies o * S - pad + k = i. U = 2 with upsample (S = 1): the kRun positions of
+// a thread are 2 x 2kRun conv-input positions, summed per 2 x 2 block. Grid as forward_kernel.
+// Writes g and partials[(tile * 2 + {sum g, sum g * (a - mean)}) * C + c] of the fp32 g.
+template <typename T, int K, int S, int U>
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
+    input_grad_kernel(Geometry g, const T* __restrict__ dc, const T* __restrict__ a,
+                      const float* __restrict__ scale, const float* __restrict__ shift,
+                      const float* __restrict__ mean_a, const float* __restrict__ weight, T* __restrict__ g_out,
+                      float* __restrict__ partials, bool vec) {
+  static_assert(S == 1 || U == 1, "stride 2 with upsample is not supported");
+  constexpr int P = K / 2;
+  // Window columns a thread reads, relative to its run's first column (see the m loop below).
+  constexpr int kCols = S == 1 ? U * kRun + K - 1 : (kRun - 1 + P) / 2 + (P + 1) / 2 + 1;
+  float* win = shared_floats();
+  float* tile_a = win + g.second_offset;
+  const TileIndex ti(g, blockIdx.x);
+  const int64_t C = g.c;
+  const int64_t c0 = ti.cb * kSlice;
+  const int64_t ly0 = ti.ty * g.th, lx0 = ti.tx * g.tw;  // lx0 is even: tw is a multiple of kRun
+  // Window origin in output coordinates: the first output any position of the tile receives from.
+  const int64_t wy0 = S == 1 ? ly0 * U - P : floor_div(ly0 - P, 2);
+  const int64_t wx0 = S == 1 ? lx0 * U - P : floor_div(lx0 - P, 2);
+
+  load_window(vec, dc + ti.n * g.ho * g.wo * C, C, g.ho, g.wo, 0, c0, wy0, wx0, g.win_h, g.win_w, nullptr, nullptr,
+              win);
+  load_window(vec, a + ti.n * g.h * g.w * C, C, g.h, g.w, 0, c0, ly0, lx0, g.th, g.tw, nullptr, nullptr, tile_a);
+  __syncthreads();
+
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int64_t c = c0 + lane;
+  const bool c_ok = c < C;
+  const Filter<K> f(weight, C, c);
+  const float sc = c_ok ? scale[c] : 0.f, sh = c_ok ? shift[c] : 0.f, mu = c_ok ? mean_a[c] : 0.f;
+  float sum_g = 0.f, sum_gxmu = 0.f;
+  const int segs_x = g.tw / kRun;
+  for (int seg = warp; seg < g.th * segs_x; seg += kWarps) {
+    const int sy = seg / segs_x, sx = seg - sy * segs_x;
+    float acc[kRun] = {};
+#pragma unroll
+    for (int dy = 0; dy < U; ++dy) {
+#pragma unroll Filter<K>::kRowUnroll
+      for (int ky = 0; ky < K; ++ky) {
+        int row;
+        if constexpr (S == 1) {
+          row = (sy * U + dy) + 2 * P - ky;  // o = i + P - ky, i = (ly0 + sy) * U + dy
+        } else {
+          const int64_t t = ly0 + sy + P - ky;  // 2 o = i + P - ky
+          if (t & 1) continue;
+          row = static_cast<int>((t >> 1) - wy0);
+        }
+        float taps[K];
+        f.row(ky, taps);
+        const float* rp = win + (row * g.win_w + (S == 1 ? sx * kRun * U : sx * kRun / 2)) * kSlice + lane;
+#pragma unroll
+        for (int m = 0; m < kCols; ++m) {
+          const float v = rp[m * kSlice];
+#pragma unroll
+          for (int j = 0; j < U * kRun; ++j) {
+            // Column j of the run (conv-input column i = U * (lx0 + sx * kRun) + j) meets window
+            // column m through tap kx: S = 1: m = j + 2P - kx;  S = 2: m = (j + P - kx) / 2 + (P + 1) / 2.
+            const int kx = S == 1 ? j + 2 * P - m : j + P - 2 * (m - (P + 1) / 2);
+            if (kx >= 0 && kx < K) acc[j / U] = fmaf(taps[kx], v, acc[j / U]);
+          }
+        }
+      }
+    }
+    const bool row_ok = c_ok && ly0 + sy < g.h;
+#pragma unroll
+    for (int r = 0; r < kRun; ++r) {
+      if (row_ok && lx0 + sx * kRun + r < g.w) {
+        float* pa = tile_a + (sy * g.tw + sx * kRun + r) * kSlice + lane;
+        const float av = *pa;
+        const float gv = acc[r] * swish_grad(fmaf(av, sc, sh));
+        sum_g += gv;
+        sum_gxmu = fmaf(gv, av - mu, sum_gxmu);
+        *pa = gv;  // only this thread reads or writes this element
+      }
+    }
+  }
+  __syncthreads();  // tile_a holds g; the window is free for the sums scratch
+
+  store_tile(vec, tile_a, g.th, g.tw, g_out + ti.n * g.h * g.w * C, C, g.h, g.w, c0, ly0, lx0);
+  win[(warp * 2 + 0) * kSlice + lane] = sum_g;
+  win[(warp * 2 + 1) * kSlice + lane] = sum_gxmu;
+  __syncthreads();
+  if (warp == 0 && c_ok) {
+    float s0 = 0.f, s1 = 0.f;
+    for (int w = 0; w < kWarps; ++w) {
+      s0 += win[(w * 2 + 0) * kSlice + lane];
+      s1 += win[(w * 2 + 1) * kSlice + lane];
+    }
+    partials[(ti.tile * 2 + 0) * C + c] = s0;
+    partials[(ti.tile * 2 + 1) * C + c] = s1;
+  }
+}
+
+// ---- weight gradient ---------------------------------------------------------------------------
+
+// Grid: cblocks * ceil(K / KR) * chunks blocks, KR = tap_rows(K); block (cb, tap group, chunk) sums
+// tiles [chunk * tiles_per_chunk, +tiles_per_chunk) for tap rows [group * KR, +KR) and writes
+// partials[(chunk * K * K + ky * K + kx) * C + c].
+template <typename T, int K, int S>
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
+    weight_grad_kernel(Geometry g, const T* __restrict__ dc, const T* __restrict__ a,
+                       const float* __restrict__ scale, const float* __restrict__ shift,
+                       float* __restrict__ partials, int64_t tiles_per_chunk, bool vec) {
+  constexpr int KR = tap_rows(K);
+  constexpr int kGroups = (K + KR - 1) / KR;
+  float* win = shared_floats();
+  float* tile_dc = win + g.second_offset;
+  const int64_t C = g.c;
+  const int64_t cb = blockIdx.x % g.cblocks;
+  const int group = static_cast<int>((blockIdx.x / g.cblocks) % kGroups);
+  const int64_t chunk = blockIdx.x / g.cblocks / kGroups;
+  const int64_t c0 = cb * kSlice;
+  const int ky0 = group * KR;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int segs_x = g.tw / kRun;
+
+  float acc[KR][K] = {};
+  const int64_t t_end = std::min<int64_t>((chunk + 1) * tiles_per_chunk, g.tiles());
+  for (int64_t tile = chunk * tiles_per_chunk; tile < t_end; ++tile) {
+    const int64_t tx = tile % g.tiles_x, rest = tile / g.tiles_x;
+    const int64_t ty = rest % g.tiles_y, n = rest / g.tiles_y;
+    const int64_t oy0 = ty * g.th, ox0 = tx * g.tw;
+    __syncthreads();  // the previous tile's windows are no longer read
+    load_window(vec, a + n * g.h * g.w * C, C, g.h, g.w, g.up, c0, oy0 * S - g.pad, ox0 * S - g.pad, g.win_h,
+                g.win_w, scale, shift, win);
+    load_window(vec, dc + n * g.ho * g.wo * C, C, g.ho, g.wo, 0, c0, oy0, ox0, g.th, g.tw, nullptr, nullptr,
+                tile_dc);
+    __syncthreads();
+    for (int seg = warp; seg < g.th * segs_x; seg += kWarps) {
+      const int sy = seg / segs_x, sx = seg - sy * segs_x;
+      float d[kRun];  // zero outside the output (the window load pads dc with zeros)
+#pragma unroll
+      for (int r = 0; r < kRun; ++r) d[r] = tile_dc[(sy * g.tw + sx * kRun + r) * kSlice + lane];
+#pragma unroll
+      for (int kr = 0; kr < KR; ++kr) {
+        const int ky = ky0 + kr;
+        if (ky >= K) break;
+        const float* row = win + ((sy * S + ky) * g.win_w + sx * kRun * S) * kSlice + lane;
+#pragma unroll
+        for (int m = 0; m < S * (kRun - 1) + K; ++m) {
+          const float v = row[m * kSlice];
+#pragma unroll
+          for (int r = 0; r < kRun; ++r) {
+            const int kx = m - S * r;
+            if (kx >= 0 && kx < K) acc[kr][kx] = fmaf(d[r], v, acc[kr][kx]);
+          }
+        }
+      }
+    }
+  }
+  __syncthreads();  // windows free: sum the warps' accumulators in warp order into win
+  for (int w = 0; w < kWarps; ++w) {
+    if (warp == w) {
+#pragma unroll
+      for (int kr = 0; kr < KR; ++kr) {
+#pragma unroll
+        for (int kx = 0; kx < K; ++kx) {
+          float* s = win + (kr * K + kx) * kSlice + lane;
+          *s = (w == 0 ? 0.f : *s) + acc[kr][kx];
+        }
+      }
+    }
+    __syncthreads();
+  }
+  for (int i = threadIdx.x; i < KR * K * kSlice; i += kThreads) {
+    const int ky = ky0 + i / (K * kSlice);
+    const int kx = (i / kSlice) % K;
+    const int64_t c = c0 + i % kSlice;
+    if (ky < K && c < C) partials[(chunk * K * K + ky * K + kx) * C + c] = win[i];
+  }
+}
+
+}  // namespace dw
+}  // namespace nvae

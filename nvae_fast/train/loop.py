@@ -1,0 +1,245 @@
+"""The training run: data, epochs, evaluation, logs, checkpoints, final test and samples.
+
+``run_training`` is what ``nvae-fast train`` calls. Files in ``run_dir`` (written by rank 0):
+``checkpoint.pt`` (the whole training state, after every epoch and every ``checkpoint_every``
+steps), ``log.txt``, TensorBoard event files, ``final_eval.json``, ``samples.png`` and
+``samples.npz``, and on request ``checkpoint_official.pt`` and ``model.safetensors``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nvae_fast.train import checkpoint as ckpt_io
+from nvae_fast.train.datasets import build_datasets, detect_format
+from nvae_fast.train.evaluate import EvalResult, evaluate
+from nvae_fast.train.images import tile
+from nvae_fast.train.loaders import make_loader
+from nvae_fast.train.monitor import Monitor
+from nvae_fast.train.recipe import TrainConfig
+from nvae_fast.train.runtime import Runtime, all_reduce_mean, gather_objects
+from nvae_fast.train.sample import decoded_images, generate, write_samples
+from nvae_fast.train.trainer import StepStats, Trainer
+
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+@dataclass
+class TrainResult:
+    """What a run did: per-step global losses of the steps it ran (index = global step),
+    evaluations, where it wrote, whether it finished."""
+
+    losses: dict[int, float] = field(default_factory=dict)
+    untrained: EvalResult | None = None
+    final: EvalResult | None = None
+    skipped_steps: int = 0
+    finished: bool = False
+    run_dir: Path | None = None
+
+
+def _build_model(model_cfg):
+    from nvae_fast import NVAE
+
+    return NVAE(model_cfg)
+
+
+def _loaders(model_cfg, cfg: TrainConfig, rt: Runtime):
+    fmt = detect_format(model_cfg.dataset, cfg.data) if cfg.data_format == "auto" else cfg.data_format
+    train_set, test_set = build_datasets(fmt, cfg.data, image_size=model_cfg.image_size,
+                                         channels=model_cfg.in_channels, seed=cfg.seed, dataset=model_cfg.dataset,
+                                         binarize=model_cfg.output_distribution == "bernoulli")
+    pin = rt.device.type == "cuda"
+    train = make_loader(train_set, cfg.batch_size, train=True, seed=cfg.seed, rank=rt.rank,
+                        world_size=rt.world_size, num_workers=cfg.num_workers, pin_memory=pin)
+    test = make_loader(test_set, cfg.batch_size, train=False, seed=cfg.seed, rank=rt.rank,
+                       world_size=rt.world_size, num_workers=min(cfg.num_workers, 1), pin_memory=pin)
+    return fmt, train, test
+
+
+def run_config(model_cfg, cfg: TrainConfig) -> dict:
+    """The plain-data record of a run's configuration stored in checkpoints."""
+    return {"model": dataclasses.asdict(model_cfg), "train": dataclasses.asdict(cfg)}
+
+
+def _save(trainer: Trainer, model_cfg, cfg: TrainConfig, run_dir: Path, rt: Runtime) -> None:
+    # Every rank's RNG state, so that every rank resumes exactly (a collective: all ranks call it).
+    rngs = gather_objects(ckpt_io.rng_states(), rt)
+    if rt.is_main:
+        state = trainer.state_dict()
+        state.update(format=ckpt_io.FORMAT, config=run_config(model_cfg, cfg), rng=rngs)
+        ckpt_io.save_atomic(state, run_dir / CHECKPOINT_NAME)
+
+
+def _log_step(monitor: Monitor, trainer: Trainer, stats: StepStats, rt: Runtime) -> None:
+    step = trainer.step
+    scalars = torch.stack([stats.loss, stats.nelbo, stats.recon, stats.kl, stats.grad_norm]).float()
+    loss, nelbo, recon, kl, grad_norm = all_reduce_mean(scalars, rt).tolist()
+    kl_per_group = all_reduce_mean(stats.kl_per_group.float(), rt)
+    active = all_reduce_mean(stats.active_units.float(), rt)
+    values = {"train/loss": loss, "train/nelbo_iter": nelbo, "train/recon_iter": recon, "train/kl_iter": kl,
+              "train/lr": stats.lr, "train/norm_loss": stats.norm_loss.item(), "train/bn_loss": stats.bn_loss.item(),
+              "train/norm_coeff": stats.norm_coeff, "train/grad_norm": grad_norm, "kl_coeff/coeff": stats.kl_coeff,
+              "kl/total_active": active.sum().item(), "train/skipped_steps": trainer.guard.total}
+    for g in range(kl_per_group.numel()):
+        values[f"kl_vals/layer_{g}"] = kl_per_group[g].item()
+        values[f"kl_coeff/layer_{g}"] = stats.kl_weights[g].item()
+        values[f"kl/active_{g}"] = active[g].item()
+    monitor.scalars(values, step)
+
+
+def _log_images(monitor: Monitor, trainer: Trainer, x: torch.Tensor, cfg: TrainConfig, step: int) -> None:
+    model = trainer.eval_model
+    model.eval()
+    with torch.no_grad(), torch.random.fork_rng(devices=[trainer.rt.device] if trainer.rt.device.type == "cuda"
+                                                else []):
+        n = min(len(x), 16)
+        x = x[:n].to(trainer.rt.device)
+        logits = model(x)[0]
+        recon = decoded_images(model.decoder_output(logits.float())).float()
+        monitor.image("reconstruction", torch.cat([tile(x.float().cpu(), 4), tile(recon.cpu(), 4)], dim=2), step)
+        for t in (0.7, 1.0):
+            monitor.image(f"generated_{t:.1f}", tile(generate(model, 16, t, amp=trainer.dtype)), step)
+
+
+def _evaluate(trainer: Trainer, loader, monitor: Monitor, num_iw_samples: int, desc: str) -> EvalResult:
+    # Evaluation draws its own noise: how often a run evaluates never changes its training.
+    devices = [trainer.rt.device] if trainer.rt.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        return evaluate(trainer.eval_model, loader, trainer.rt, num_iw_samples, trainer.dtype, monitor, desc)
+
+
+def _should_evaluate(epoch: int, cfg: TrainConfig) -> bool:
+    every = cfg.eval_every or (1 if cfg.epochs <= 50 else 20)
+    return epoch % every == 0 or epoch == cfg.epochs - 1
+
+
+def run_training(model_cfg, cfg: TrainConfig, run_dir: str | Path, rt: Runtime, *, resume: bool = False,
+                 stop_after_step: int | None = None, export_official: bool = False,
+                 export_safetensors: bool = False, tensorboard: bool = True) -> TrainResult:
+    """Trains an ``NVAE(model_cfg)`` with ``cfg`` on ``rt``, writing into ``run_dir``.
+
+    Args:
+        resume: continue from ``run_dir/checkpoint.pt`` (its model and training configuration).
+        stop_after_step: stop after this global step, with a checkpoint, as if interrupted; the
+            schedules still follow ``cfg.epochs``, so ``resume`` continues the same run.
+        export_official, export_safetensors: at the end, also write the weights in the official
+            checkpoint format and as safetensors.
+    """
+    run_dir = Path(run_dir)
+    monitor = Monitor(run_dir, enabled=rt.is_main, tensorboard=tensorboard)
+    result = TrainResult(run_dir=run_dir)
+    try:
+        state = None
+        if resume:
+            state = ckpt_io.load_checkpoint(run_dir / CHECKPOINT_NAME)
+        torch.manual_seed(cfg.seed)
+        model = _build_model(model_cfg)
+        fmt, train_loader, test_loader = _loaders(model_cfg, cfg, rt)
+        steps_per_epoch = len(train_loader)
+        trainer = Trainer(model, cfg, rt, steps_per_epoch)
+        # Same initial weights on every rank (above); from here on each rank draws its own noise.
+        torch.manual_seed(int(np.random.SeedSequence([cfg.seed, rt.rank, 1]).generate_state(1)[0]))
+        n_params = sum(p.numel() for p in model.parameters())
+        monitor.info(f"run directory {run_dir}; {rt.world_size} process(es) on {rt.device}; "
+                     f"data {fmt} ({len(train_loader.dataset)} train / {len(test_loader.dataset)} test images); "
+                     f"{n_params / 1e6:.3f}M parameters; {steps_per_epoch} steps/epoch x {cfg.epochs} epochs; "
+                     f"amp {trainer.dtype or 'off'}")
+        if state is not None:
+            trainer.load_state_dict(state)
+            rngs = state["rng"]
+            ckpt_io.set_rng_states(rngs[rt.rank] if len(rngs) == rt.world_size else rngs[0])
+            monitor.info(f"resumed from {run_dir / CHECKPOINT_NAME} at step {trainer.step} "
+                         f"(epoch {trainer.epoch}, step {trainer.epoch_step} of it)")
+        elif cfg.eval_untrained:
+            result.untrained = _evaluate(trainer, test_loader, monitor, 1, "eval untrained")
+            monitor.info(f"untrained model: test {result.untrained.summary()}")
+            monitor.scalars({"val/bpd_elbo": result.untrained.bpd_elbo}, 0)
+
+        stopped = False
+        while trainer.step < trainer.total_steps and not stopped:
+            trainer.begin_epoch()
+            epoch = trainer.epoch
+            train_loader.sampler.set_position(epoch, trainer.epoch_step * cfg.batch_size)
+            started, loss_sum, loss_count = time.time(), torch.zeros((), device=rt.device), 0
+            x = None
+            bar = monitor.progress(train_loader, total=len(train_loader), desc=f"epoch {epoch + 1}/{cfg.epochs}")
+            for x in bar:
+                stats = trainer.train_step(x)
+                global_loss = all_reduce_mean(stats.loss.float(), rt)
+                if stats.ok:
+                    loss_sum += global_loss
+                    loss_count += 1
+                result.losses[trainer.step - 1] = global_loss.item()
+                if hasattr(bar, "set_postfix"):
+                    bar.set_postfix(loss=f"{result.losses[trainer.step - 1]:.2f}", refresh=False)
+                if trainer.step % cfg.log_every == 0:
+                    _log_step(monitor, trainer, stats, rt)
+                if stop_after_step is not None and trainer.step >= stop_after_step:
+                    stopped = True
+                    break
+                if cfg.checkpoint_every and trainer.step % cfg.checkpoint_every == 0 \
+                        and trainer.epoch_step < steps_per_epoch:
+                    _save(trainer, model_cfg, cfg, run_dir, rt)
+            train_loss = (loss_sum / max(loss_count, 1)).item()
+            line = (f"epoch {epoch + 1}/{cfg.epochs}  train loss {train_loss:.3f}  lr {trainer.last_lr:.2e}  "
+                    f"kl coeff {trainer.last_kl_coeff:.3f}  skipped steps {trainer.guard.total}  "
+                    f"{time.time() - started:.1f}s")
+            epoch_done = trainer.epoch_step >= steps_per_epoch
+            if epoch_done:
+                monitor.scalars({"train/nelbo": train_loss}, trainer.step)
+                if _should_evaluate(epoch, cfg):
+                    valid = _evaluate(trainer, test_loader, monitor, 1, "eval")
+                    line += f"  test NELBO {valid.nelbo:.3f} ({valid.bpd_elbo:.4f} bits/dim)"
+                    monitor.scalars({"val/nelbo": valid.nelbo, "val/bpd_elbo": valid.bpd_elbo}, trainer.step)
+                    if rt.is_main and x is not None:
+                        _log_images(monitor, trainer, x, cfg, trainer.step)
+            monitor.info(line)
+            _save(trainer, model_cfg, cfg, run_dir, rt)
+
+        result.skipped_steps = trainer.guard.total
+        if stopped:
+            monitor.info(f"stopped after step {trainer.step}; continue with --resume")
+            return result
+
+        result.final = _evaluate(trainer, test_loader, monitor, cfg.num_iw_samples, "final eval")
+        monitor.info(f"final test {result.final.summary()}")
+        monitor.scalars({"val/nelbo": result.final.nelbo, "val/neg_log_p": result.final.neg_log_p,
+                         "val/bpd_elbo": result.final.bpd_elbo, "val/bpd_log_p": result.final.bpd_log_p},
+                        trainer.step)
+        if rt.is_main:
+            report = {"final": result.final.as_dict(), "step": trainer.step, "skipped_steps": result.skipped_steps}
+            if result.untrained is not None:
+                report["untrained"] = result.untrained.as_dict()
+            (run_dir / "final_eval.json").write_text(json.dumps(report, indent=2) + "\n")
+            with torch.random.fork_rng(devices=[rt.device] if rt.device.type == "cuda" else []):
+                images = generate(trainer.eval_model.eval(), cfg.num_samples, cfg.temp, amp=trainer.dtype)
+            scale = max(1, 256 // (math.ceil(math.sqrt(cfg.num_samples)) * model_cfg.image_size))
+            paths = write_samples(images, run_dir, scale=scale)
+            monitor.info(f"samples (t={cfg.temp}): {paths[0]} and {paths[1]}")
+            _export(trainer, model_cfg, cfg, run_dir, monitor, export_official, export_safetensors)
+        result.finished = True
+        return result
+    finally:
+        monitor.close()
+
+
+def _export(trainer: Trainer, model_cfg, cfg: TrainConfig, run_dir: Path, monitor: Monitor, official: bool,
+            safetensors: bool) -> None:
+    from nvae_fast.train.weights import export_official, export_safetensors
+
+    model = trainer.eval_model
+    if official:
+        path = export_official(model, run_dir / "checkpoint_official.pt", cfg, epoch=trainer.epoch + 1,
+                               global_step=trainer.step)
+        monitor.info(f"official checkpoint: {path}")
+    if safetensors:
+        path = export_safetensors(model, run_dir / "model.safetensors", run_config(model_cfg, cfg))
+        monitor.info(f"safetensors weights: {path}")

@@ -1,0 +1,208 @@
+"""Command-line options of ``nvae-fast train``: the official ``train.py`` flags plus ours.
+
+Every flag defaults to "not given", so the configuration resolves as: official defaults, then the
+``--preset`` (model and training recipe), then the flags given on the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+from nvae_fast.train.datasets import FORMATS
+from nvae_fast.train.errors import InputError
+from nvae_fast.train.recipe import AMP_MODES, TrainConfig, train_preset
+
+_S = argparse.SUPPRESS
+
+# (flag, type, help) of the official options that shape the model (NVAEConfig fields).
+_MODEL_FLAGS: list[tuple[str, Any, str]] = [
+    ("dataset", str, "dataset name (mnist, cifar10, celeba_64, imagenet_32, celeba_256, ffhq, ... or digits)"),
+    ("arch_instance", str, "cell architecture (default res_mbconv)"),
+    ("num_nf", int, "normalising-flow cells per latent group (0: none)"),
+    ("num_x_bits", int, "bits per colour channel"),
+    ("num_latent_scales", int, "number of latent scales"),
+    ("num_groups_per_scale", int, "latent groups per scale"),
+    ("num_latent_per_group", int, "channels per latent group"),
+    ("min_groups_per_scale", int, "minimum groups per scale with --ada_groups"),
+    ("num_channels_enc", int, "encoder channels"),
+    ("num_preprocess_blocks", int, "pre-processing blocks"),
+    ("num_preprocess_cells", int, "cells per pre-processing block"),
+    ("num_cell_per_cond_enc", int, "encoder cells per latent group"),
+    ("num_channels_dec", int, "decoder channels"),
+    ("num_postprocess_blocks", int, "post-processing blocks"),
+    ("num_postprocess_cells", int, "cells per post-processing block"),
+    ("num_cell_per_cond_dec", int, "decoder cells per latent group"),
+    ("num_mixture_dec", int, "logistic mixture components of the output (1: normal)"),
+    ("image_size", int, "image height = width, for datasets the official code does not know"),
+    ("in_channels", int, "image channels, for datasets the official code does not know"),
+    ("output_distribution", str, "p(x|z): bernoulli, normal or logistic_mixture (default: as the official code "
+                                 "derives it from the dataset and --num_mixture_dec)"),
+]
+_MODEL_SWITCHES = [("ada_groups", "halve the groups at each larger scale"),
+                   ("use_se", "squeeze-and-excitation in every cell"),
+                   ("res_dist", "residual posterior parametrisation")]
+
+# Official training flags, then ours (TrainConfig fields).
+_TRAIN_FLAGS: list[tuple[str, Any, str]] = [
+    ("data", str, "data directory or file (not needed for --dataset digits)"),
+    ("batch_size", int, "batch size per process"),
+    ("learning_rate", float, "peak learning rate"),
+    ("learning_rate_min", float, "final learning rate of the cosine schedule"),
+    ("weight_decay", float, "Adamax weight decay"),
+    ("weight_decay_norm", float, "λ of the spectral and BN-scale regularisers"),
+    ("weight_decay_norm_init", float, "initial λ with --weight_decay_norm_anneal"),
+    ("epochs", int, "training epochs"),
+    ("warmup_epochs", int, "epochs of linear learning-rate warm-up"),
+    ("kl_anneal_portion", float, "portion of the steps over which the KL coefficient rises to 1"),
+    ("kl_const_portion", float, "portion of the steps at the constant minimal KL coefficient"),
+    ("kl_const_coeff", float, "the minimal KL coefficient"),
+    ("seed", int, "random seed"),
+    ("data_format", str, f"data format: auto or one of {', '.join(FORMATS)}"),
+    ("amp", str, f"mixed precision: {', '.join(AMP_MODES)}"),
+    ("ema_decay", float, "keep an exponential moving average of the weights with this decay for "
+                         "evaluation and sampling (0: off)"),
+    ("max_bad_steps", int, "stop after this many consecutive NaN/Inf steps"),
+    ("num_workers", int, "data-loader workers per process"),
+    ("log_every", int, "steps between TensorBoard scalars"),
+    ("eval_every", int, "epochs between test evaluations (0: every epoch up to 50 epochs, else every 20)"),
+    ("checkpoint_every", int, "steps between mid-epoch checkpoints (0: at epoch ends only)"),
+    ("num_iw_samples", int, "importance samples of the final test log-likelihood"),
+    ("num_samples", int, "images in the final samples.png / samples.npz"),
+    ("temp", float, "temperature of the final samples"),
+]
+_TRAIN_SWITCHES = [("weight_decay_norm_anneal", "anneal λ log-linearly from --weight_decay_norm_init"),
+                   ("eval_untrained", "evaluate the test NELBO before training, as a baseline")]
+
+# Official flags about launching processes (see official_launch); local_rank and global_rank are
+# set by the launcher, accepted and ignored.
+_LAUNCH_FLAGS = [("num_proc_node", int, "machines"), ("node_rank", int, "index of this machine"),
+                 ("num_process_per_node", int, "processes (GPUs) per machine"),
+                 ("master_address", str, "address of machine 0"),
+                 ("local_rank", int, argparse.SUPPRESS), ("global_rank", int, argparse.SUPPRESS)]
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    from nvae_fast.config import PRESETS
+
+    p.add_argument("--preset", default=_S, help=f"model and training recipe: {', '.join(PRESETS)}")
+    run = p.add_argument_group("run")
+    run.add_argument("--root", default=_S, help="directory of all runs (default: runs)")
+    run.add_argument("--save", default=_S, help="run name: the run directory is ROOT/eval-SAVE, as in the "
+                                                "official code (default: the preset or dataset name)")
+    run.add_argument("--resume", "--cont_training", dest="resume", action="store_true", default=_S,
+                     help="continue from the run directory's checkpoint.pt")
+    run.add_argument("--stop_after_step", type=int, default=_S,
+                     help="stop (with a checkpoint) after this global step; --resume continues")
+    run.add_argument("--export_official", action="store_true", default=_S,
+                     help="also write checkpoint_official.pt (the official NVAE checkpoint format)")
+    run.add_argument("--export_safetensors", action="store_true", default=_S,
+                     help="also write model.safetensors (weights and the configuration)")
+    run.add_argument("--device", default=_S, help="cpu, cuda, cuda:N (default: the GPU of this rank if any)")
+    run.add_argument("--fast_adamax", action="store_true", default=_S,
+                     help="accepted for compatibility: Adamax always runs multi-tensor (foreach)")
+    train = p.add_argument_group("training (official flags and additions)")
+    for name, kind, text in _TRAIN_FLAGS:
+        train.add_argument(f"--{name}", type=kind, default=_S, help=text)
+    for name, text in _TRAIN_SWITCHES:
+        train.add_argument(f"--{name}", action="store_true", default=_S, help=text)
+    model = p.add_argument_group("model (official flags)")
+    for name, kind, text in _MODEL_FLAGS:
+        model.add_argument(f"--{name}", type=kind, default=_S, help=text)
+    for name, text in _MODEL_SWITCHES:
+        model.add_argument(f"--{name}", action="store_true", default=_S, help=text)
+    launch = p.add_argument_group("official launch flags (nvae-fast starts the processes through torchrun)")
+    for name, kind, text in _LAUNCH_FLAGS:
+        launch.add_argument(f"--{name}", type=kind, default=_S, help=text)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainRequest:
+    """A resolved ``nvae-fast train`` command."""
+
+    model: Any            # NVAEConfig
+    train: TrainConfig
+    run_dir: Path
+    resume: bool
+    stop_after_step: int | None
+    export_official: bool
+    export_safetensors: bool
+    device: str | None
+
+
+def official_launch(args: argparse.Namespace) -> list[str] | None:
+    """torchrun's arguments for the processes the official launch flags ask for, or None.
+
+    The official ``train.py`` starts ``--num_process_per_node`` processes itself (on node
+    ``--node_rank`` of ``--num_proc_node``, master ``--master_address``, port 6020); when those
+    flags ask for more than one process and this process was not started by torchrun, ``nvae-fast``
+    hands the same command to torchrun with these arguments.
+    """
+    given = vars(args)
+    per_node, nodes = given.get("num_process_per_node", 1), given.get("num_proc_node", 1)
+    if per_node * nodes <= 1 or "WORLD_SIZE" in os.environ:
+        return None
+    if per_node < 1 or nodes < 1:
+        raise InputError(f"--num_process_per_node and --num_proc_node must be >= 1, got {per_node} and {nodes}")
+    return ["--nproc_per_node", str(per_node), "--nnodes", str(nodes), "--node_rank", str(given.get("node_rank", 0)),
+            "--master_addr", given.get("master_address", "127.0.0.1"),
+            "--master_port", os.environ.get("MASTER_PORT", "6020")]
+
+
+def _resumed_config(run_dir: Path, model_given: dict[str, Any], train_given: dict[str, Any]):
+    """The configuration of the run being resumed: its checkpoint's, with the training flags given
+    now on top; model flags must agree with the checkpoint's model."""
+    from nvae_fast.config import NVAEConfig
+    from nvae_fast.train.checkpoint import load_checkpoint
+    from nvae_fast.train.loop import CHECKPOINT_NAME
+
+    recorded = load_checkpoint(run_dir / CHECKPOINT_NAME, mmap=True)["config"]
+    try:
+        model = NVAEConfig(**recorded["model"])
+        train = TrainConfig(**{**recorded["train"], **train_given})
+    except (ValueError, TypeError, KeyError) as e:
+        raise InputError(f"{run_dir / CHECKPOINT_NAME}: cannot resume with this configuration ({e})") from e
+    changed = [k for k, v in model_given.items() if getattr(model, k) != v]
+    if changed:
+        raise InputError(f"--resume: {', '.join('--' + k for k in changed)} differ from the checkpoint's model; "
+                         "a run keeps its architecture")
+    return model, train
+
+
+def resolve_train(args: argparse.Namespace) -> TrainRequest:
+    """Official defaults < preset < given flags, for the model and the training options."""
+    from nvae_fast.config import PRESETS, NVAEConfig
+
+    given = vars(args)
+    model_fields = {f.name for f in dataclasses.fields(NVAEConfig)}
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    model_given = {k: v for k, v in given.items() if k in model_fields}
+    train_given = {k: v for k, v in given.items() if k in train_fields}
+    preset = given.get("preset")
+    try:
+        if preset is not None:
+            if preset not in PRESETS:
+                raise InputError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+            base = NVAEConfig.preset(preset)
+            if "dataset" in model_given and model_given["dataset"] != base.dataset:
+                raise InputError(f"--dataset {model_given['dataset']} conflicts with --preset {preset} "
+                                 f"(dataset {base.dataset}); drop one of them")
+            model = NVAEConfig.preset(preset, **model_given)
+            train = TrainConfig(**{**train_preset(preset), **train_given})
+        else:
+            model = NVAEConfig(**model_given)
+            train = TrainConfig(**train_given)
+    except (ValueError, TypeError) as e:
+        raise InputError(str(e)) from e
+    root = Path(given.get("root", "runs"))
+    run_dir = root / f"eval-{given.get('save', preset or model.dataset)}"
+    if given.get("resume"):
+        model, train = _resumed_config(run_dir, model_given, train_given)
+    return TrainRequest(model=model, train=train, run_dir=run_dir, resume=bool(given.get("resume", False)),
+                        stop_after_step=given.get("stop_after_step"),
+                        export_official=bool(given.get("export_official", False)),
+                        export_safetensors=bool(given.get("export_safetensors", False)),
+                        device=given.get("device"))

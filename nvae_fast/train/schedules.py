@@ -1,0 +1,92 @@
+"""The schedules of the official NVAE recipe, as pure functions of the training position.
+
+* learning rate: linear warm-up over ``warmup_epochs``, then cosine annealing per epoch down to
+  ``learning_rate_min`` at the last epoch (``WarmupCosineLR``, stepped once per iteration);
+* KL coefficient: 0 (held at ``kl_const_coeff``) for the first ``kl_const_portion`` of the steps,
+  then a linear ramp to 1 over ``kl_anneal_portion`` of the steps (``kl_coefficient``);
+* spectral-regularisation λ: constant ``weight_decay_norm``, or a log-linear interpolation from
+  ``weight_decay_norm_init`` to it that follows the KL coefficient (``spectral_coefficient``).
+
+Every value depends only on the global step, so a resumed run sees exactly the same schedule.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.optim.lr_scheduler import LRScheduler
+
+
+def kl_coefficient(step: int, total_steps: int, anneal_portion: float, const_portion: float,
+                   const_coeff: float) -> float:
+    """KL warm-up coefficient in [const_coeff, 1] at ``step`` of ``total_steps``.
+
+    Held at ``const_coeff`` for the first ``const_portion * total_steps`` steps, then rises
+    linearly and reaches 1 after another ``anneal_portion * total_steps`` steps.
+    """
+    const_steps = const_portion * total_steps
+    anneal_steps = anneal_portion * total_steps
+    if anneal_steps <= 0:
+        ramp = 1.0 if step >= const_steps else 0.0
+    else:
+        ramp = min((step - const_steps) / anneal_steps, 1.0)
+    return max(ramp, const_coeff)
+
+
+def spectral_coefficient(kl_coeff: float, weight_decay_norm: float, weight_decay_norm_init: float,
+                         anneal: bool) -> float:
+    """λ of the spectral and BN-scale regularisers.
+
+    Without annealing it is ``weight_decay_norm``; with it, log λ moves linearly from
+    log ``weight_decay_norm_init`` (kl_coeff = 0) to log ``weight_decay_norm`` (kl_coeff = 1).
+    """
+    if not anneal:
+        return weight_decay_norm
+    if weight_decay_norm_init <= 0 or weight_decay_norm <= 0:
+        raise ValueError("annealing the spectral coefficient needs weight_decay_norm_init > 0 and "
+                         f"weight_decay_norm > 0, got {weight_decay_norm_init} and {weight_decay_norm}")
+    log_lambda = (1.0 - kl_coeff) * math.log(weight_decay_norm_init) + kl_coeff * math.log(weight_decay_norm)
+    return math.exp(log_lambda)
+
+
+def learning_rate(step: int, steps_per_epoch: int, epochs: int, warmup_epochs: int, lr: float,
+                  lr_min: float) -> float:
+    """Learning rate at global ``step`` (0-based).
+
+    During the first ``warmup_epochs`` epochs it rises linearly from 0 (lr·step/warm-up steps).
+    From then on it follows a cosine per epoch, from ``lr`` at the first epoch after warm-up to
+    ``lr_min`` at the last epoch, as the official recipe's per-epoch CosineAnnealingLR does.
+    """
+    warmup_steps = steps_per_epoch * warmup_epochs
+    if step < warmup_steps:
+        return lr * step / warmup_steps
+    epoch = step // steps_per_epoch
+    span = max(epochs - warmup_epochs - 1, 1)
+    t = min(max(epoch - warmup_epochs, 0), span)
+    return lr_min + (lr - lr_min) * 0.5 * (1.0 + math.cos(math.pi * t / span))
+
+
+class WarmupCosineLR(LRScheduler):
+    """``learning_rate`` as a PyTorch scheduler, stepped once per iteration (after optimizer.step).
+
+    Its state (``last_epoch`` = iterations done) goes into checkpoints with ``state_dict()``.
+    Each param group anneals from its own initial learning rate to ``lr_min``.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, steps_per_epoch: int, epochs: int, warmup_epochs: int,
+                 lr_min: float, last_epoch: int = -1) -> None:
+        if steps_per_epoch < 1:
+            raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
+        if epochs < 1 or warmup_epochs < 0:
+            raise ValueError(f"need epochs >= 1 and warmup_epochs >= 0, got {epochs} and {warmup_epochs}")
+        self.steps_per_epoch = steps_per_epoch
+        self.epochs = epochs
+        self.warmup_epochs = warmup_epochs
+        self.lr_min = lr_min
+        super().__init__(optimizer, last_epoch)
+
+    def get_lr(self) -> list[float]:
+        step = self.last_epoch
+        return [learning_rate(step, self.steps_per_epoch, self.epochs, self.warmup_epochs, base, self.lr_min)
+                for base in self.base_lrs]

@@ -1,0 +1,62 @@
+// Host-compiler build of csrc/ for the CPU emulation tests (force-included before every source).
+//
+// A kernel launch runs the blocks one after another; each block runs its threads as real OS
+// threads, so __syncthreads() is a real barrier and a missing one can show up as a race. Dynamic
+// shared memory is filled with NaN before every block, so reading a value the block never wrote
+// poisons the result. Static __shared__ arrays become function statics (one block at a time).
+// Global memory is host memory: the tests pass CPU tensors' pointers. Warp-level intrinsics and
+// atomics are not emulated; the kernels under test use neither.
+#pragma once
+
+#define __shared__ static
+#define __launch_bounds__(...)
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+
+using std::max;
+using std::min;
+
+extern thread_local uint3 threadIdx;
+extern thread_local uint3 blockIdx;
+extern dim3 blockDim;
+extern dim3 gridDim;
+
+void __syncthreads();
+
+inline float __expf(float x) { return std::exp(x); }
+
+template <typename T>
+inline T __ldg(const T* p) {
+  return *p;
+}
+
+namespace nvae {
+
+float* shared_floats();
+
+namespace emu {
+// Runs body() for every thread of every block; returns the launch's error (as CUDA would report it).
+cudaError_t run(dim3 grid, dim3 block, size_t smem_bytes, void (*body)(void*), void* ctx);
+}  // namespace emu
+
+template <typename... Params, typename... Args>
+cudaError_t launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem_bytes, cudaStream_t,
+                   Args&&... args) {
+  struct Ctx {
+    void (*kernel)(Params...);
+    std::tuple<std::decay_t<Params>...> params;
+  } ctx{kernel, std::tuple<std::decay_t<Params>...>(static_cast<Params>(args)...)};
+  return emu::run(grid, block, smem_bytes, [](void* p) {
+    auto* c = static_cast<Ctx*>(p);
+    std::apply(c->kernel, c->params);  // by-value kernel parameters: each thread gets its own copy
+  }, &ctx);
+}
+
+}  // namespace nvae

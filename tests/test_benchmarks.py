@@ -1,0 +1,159 @@
+"""The benchmarks run end to end in --quick mode on the CPU and write what they promise (no timing
+is asserted): shapes read off the real model, honest rows for implementations that cannot run,
+JSON with the environment and raw times, a PNG."""
+
+from __future__ import annotations
+
+import importlib
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import nvae_fast
+from nvae_fast import NVAE, NVAEConfig
+from nvae_fast.nn.cells import Cell, DecCombinerCell
+
+BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    """Imports a benchmark script as a module (they import their helpers by name from benchmarks/)."""
+    monkeypatch.syspath_prepend(str(BENCH_DIR))
+    return importlib.import_module
+
+
+def test_preset_shapes_are_the_shapes_a_forward_pass_sees(bench):
+    """Every cell input and latent group the tiny model's forward meets, with multiplicity, is what
+    model_shapes enumerates from the model's structure."""
+    preset_shapes = bench("preset_shapes")
+    config = NVAEConfig.preset("tiny_cifar10")
+    cells, latents = preset_shapes.model_shapes(config, batch=3)
+
+    model = NVAE(config)
+    seen_cells: Counter = Counter()
+    seen_latents: Counter = Counter()
+    for module in model.modules():
+        if isinstance(module, Cell):
+            module.register_forward_pre_hook(
+                lambda m, args: seen_cells.update([(m.cell_type, tuple(args[0].shape))]))
+        elif isinstance(module, DecCombinerCell):
+            module.register_forward_pre_hook(lambda m, args: seen_latents.update([tuple(args[1].shape)]))
+    with torch.no_grad():
+        model(torch.rand(3, 3, 32, 32))
+
+    assert seen_cells == Counter({(s.cell_type, s.input_shape): s.count for s in cells})
+    assert seen_latents == Counter({s.shape: s.count for s in latents})
+
+
+def test_cifar10_shapes_are_the_design_notes_hot_path(bench):
+    """DESIGN.md: the CIFAR-10 decoder runs 58 cells at N=32, C=256, 16x16, post-processing at
+    C=128, 32x32 with E=3; 30 latent groups of 20 channels at 16x16."""
+    preset_shapes = bench("preset_shapes")
+    cells, latents = preset_shapes.model_shapes(NVAEConfig.preset("cifar10"), preset_shapes.PRESET_BATCH["cifar10"])
+    by_type = {(s.cell_type, s.input_shape): s for s in cells}
+    assert by_type[("normal_dec", (32, 256, 16, 16))].count == 58
+    assert by_type[("normal_dec", (32, 256, 16, 16))].ops == ("mconv_e6k5g0",)
+    assert by_type[("normal_post", (32, 128, 32, 32))].ops == ("mconv_e3k5g0",)
+    assert [(s.shape, s.count) for s in latents] == [((32, 20, 16, 16), 30)]
+
+
+def test_record_dispatch_reports_the_backend_that_ran(bench):
+    """A forced backend an op lacks is reported as not implemented, not timed under its name."""
+    harness = bench("harness")
+    bn = nvae_fast.BatchNormSwish(4)
+    with nvae_fast.use_backend("torch"), harness.record_dispatch() as chosen:
+        bn(torch.randn(2, 4, 3, 3))
+    assert chosen == {"bn_swish[float32]": "torch"}
+    assert harness.dispatch_verdict("eager", chosen) is None
+    assert harness.dispatch_verdict("cuda", chosen).startswith("not implemented")
+    assert harness.dispatch_verdict("triton", {}).startswith("not implemented")
+    assert harness.dispatch_verdict("triton", {"a": "triton", "b": "torch"}) is None
+
+
+@pytest.mark.parametrize("kind, shape", [
+    ("enc_bnswish", ("normal_enc", ("res_bnswish", "res_bnswish"), 2, 4, 4, 5, 5, True, 1)),
+    ("dec_e6", ("normal_dec", ("mconv_e6k5g0",), 2, 4, 4, 5, 5, True, 1)),
+])
+def test_a_fast_backend_row_runs_that_backend(bench, kind, shape):
+    """The benchmarks never time Triton's CPU interpreter; driven directly here, a triton row shows
+    that the cell's fused ops ran on triton and nothing fell back."""
+    cell_bench, preset_shapes = bench("cell_bench"), bench("preset_shapes")
+    workload = cell_bench.Workload("test", kind, preset_shapes.CellShape(*shape))
+    row = cell_bench.measure(workload, "triton", torch.float32, torch.channels_last, reps=1, warmup=0,
+                             device=torch.device("cpu"), copy_gbs=None)
+    assert row["status"] == "timed" and row["dispatch"] and set(row["dispatch"].values()) == {"triton"}
+
+
+def test_cpu_and_quick_runs_never_land_in_results(bench):
+    harness = bench("harness")
+    for quick in (False, True):
+        json_path, png_path = harness.output_paths("cell_bench", torch.device("cpu"), quick, None)
+        assert json_path.parent == harness.SCRATCH_DIR and png_path.suffix == ".png"
+
+
+def _check_common(payload: dict) -> list[dict]:
+    env = payload["environment"]
+    assert env["device"].startswith("CPU only") and env["torch"] == torch.__version__ and "git_commit" in env
+    assert payload["quick"] is True
+    rows = payload["results"]
+    for row in rows:
+        assert not row["status"].startswith("failed"), row["status"]
+        if row["impl"] == "triton":  # the interpreter is never timed
+            assert row["status"].startswith("not timed") and "fwd_ms" not in row and "step_ms" not in row
+        if row["impl"] == "cuda":
+            assert row["status"].startswith("not available")
+        if row["impl"].startswith("compile") and row["status"] != "timed":
+            assert row["status"].startswith("not requested")
+    return [r for r in rows if r["status"] == "timed"]
+
+
+def test_cell_bench_quick(bench, tmp_path):
+    cell_bench = bench("cell_bench")
+    out = tmp_path / "cell.json"
+    assert cell_bench.main(["--quick", "--out", str(out)]) == 0
+    payload = json.loads(out.read_text())
+    timed = _check_common(payload)
+    assert {r["kind"] for r in timed} == set(cell_bench.KINDS)
+    assert {r["impl"] for r in timed} == {"eager"} and {r["dtype"] for r in timed} == {"bfloat16", "float32"}
+    for row in timed:
+        assert len(row["times_fwd_ms"]) == len(row["times_fwd_bwd_ms"]) == 3
+        assert 0 < row["fwd_ms"] and 0 < row["fwd_bwd_ms"]
+        assert 0 < row["bytes_fwd"] < row["bytes_fwd_bwd"] and row["saved_MB"] > 0
+        if row["kind"].startswith("kl"):  # the references are plain autograd: nothing to dispatch
+            assert row["dispatch"] == {}
+        else:
+            assert row["dispatch"] == {f"bn_swish[{row['dtype']}]": "torch"}
+        assert "pct_floor_fwd_bwd" not in row  # no copy bandwidth on a CPU, so no floor is claimed
+    assert Image.open(out.with_suffix(".png")).size[0] > 0
+
+
+def test_cell_bench_compile_row(bench, tmp_path):
+    """torch.compile of the reference is timed when asked for, with its graph breaks counted."""
+    cell_bench = bench("cell_bench")
+    out = tmp_path / "kl.json"
+    assert cell_bench.main(["--quick", "--cells", "kl", "--dtypes", "fp32", "--impls", "eager,compile",
+                            "--out", str(out)]) == 0
+    rows = {r["impl"]: r for r in json.loads(out.read_text())["results"]}
+    assert rows["compile"]["status"] == "timed" and rows["compile"]["graph_breaks"] == 0
+    assert rows["compile"]["fwd_bwd_ms"] > 0 and "speedup" in rows["compile"]
+
+
+def test_model_bench_quick(bench, tmp_path):
+    model_bench = bench("model_bench")
+    out = tmp_path / "model.json"
+    assert model_bench.main(["--quick", "--out", str(out)]) == 0
+    payload = json.loads(out.read_text())
+    timed = _check_common(payload)
+    assert {(r["preset"], r["impl"], r["batch"]) for r in timed} == {("tiny_cifar10", "eager", 8)}
+    assert {r["dtype"] for r in timed} == {"bfloat16", "float32"}
+    for row in timed:
+        assert all(row[f"{phase}_ms"] > 0 for phase in model_bench.PHASES)
+        assert set(row["times_ms"]) == {*model_bench.PHASES, "total"} and len(row["times_ms"]["total"]) == 2
+        assert row["samples_per_s"] > 0 and row["images_per_s"] > 0 and row["sample_batch"] == 8
+        assert f"bn_swish[{row['dtype']}]" in row["dispatch"] and set(row["dispatch"].values()) == {"torch"}
+    assert Image.open(out.with_suffix(".png")).size[0] > 0

@@ -1,0 +1,253 @@
+"""Data formats read from small files the tests write, the epoch-keyed sampler, num_x_bits."""
+
+import io
+import pickle
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+
+from nvae_fast.train.datasets import build_datasets, detect_format, read_idx
+from nvae_fast.train.errors import InputError, MissingPathError
+from nvae_fast.train.loaders import EpochSampler, make_loader, quantize
+from train_fixtures import idx_bytes, write_mnist
+
+
+def _rng():
+    return np.random.default_rng(0)
+
+
+# ----------------------------------------------------------------------------- MNIST IDX
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_mnist_idx_is_padded_and_binarised(tmp_path, gz):
+    imgs = write_mnist(tmp_path, gz=gz)
+    train, test = build_datasets("idx", tmp_path, image_size=32, channels=1, seed=3, binarize=True)
+    assert (len(train), len(test)) == (6, 3)
+    x = train[(0, 2)]
+    assert x.shape == (1, 32, 32) and x.dtype == torch.float32
+    assert set(x.unique().tolist()) <= {0.0, 1.0}
+    assert x[:, :2].abs().sum() == 0 and x[:, :, -2:].abs().sum() == 0  # padding
+    # Same (epoch, index): same draw; another epoch: a fresh one.
+    assert torch.equal(x, train[(0, 2)])
+    assert not torch.equal(x, train[(1, 2)])
+    # The draws follow the pixel intensities: average many epochs.
+    mean = torch.stack([train[(e, 2)] for e in range(400)]).mean(0)[0, 2:30, 2:30]
+    expected = torch.from_numpy(imgs["train"][2] / 255).float()
+    assert (mean - expected).abs().max() < 0.1 and (mean - expected).abs().mean() < 0.02
+
+
+def test_read_idx_rejects_bad_files(tmp_path):
+    (tmp_path / "bad").write_bytes(b"\x00\x00\x09\x03" + b"\x00" * 12)
+    with pytest.raises(InputError, match="magic"):
+        read_idx(tmp_path / "bad")
+    good = idx_bytes(np.zeros((2, 28, 28)))
+    (tmp_path / "short").write_bytes(good[:-5])
+    with pytest.raises(InputError, match="promises"):
+        read_idx(tmp_path / "short")
+    (tmp_path / "bad.gz").write_bytes(b"not gzip")
+    with pytest.raises(InputError, match="cannot read"):
+        read_idx(tmp_path / "bad.gz")
+
+
+def test_mnist_missing_file(tmp_path):
+    with pytest.raises(MissingPathError, match="train-images-idx3-ubyte"):
+        build_datasets("idx", tmp_path, image_size=32, channels=1, seed=0)
+
+
+# ----------------------------------------------------------------------------- CIFAR-10
+
+def _cifar_batches(n=4):
+    rng = _rng()
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    return {name: rng.integers(0, 256, (n, 3072), dtype=np.uint8) for name in names}
+
+
+def _pickled(data):
+    return pickle.dumps({b"data": data, b"labels": [0] * len(data)})
+
+
+@pytest.mark.parametrize("layout", ["dir", "parent", "tar"])
+def test_cifar10_pickle_batches(tmp_path, layout):
+    batches = _cifar_batches()
+    if layout == "tar":
+        root = tmp_path / "cifar-10-python.tar.gz"
+        with tarfile.open(root, "w:gz") as tar:
+            for name, data in batches.items():
+                raw = _pickled(data)
+                info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+                info.size = len(raw)
+                tar.addfile(info, io.BytesIO(raw))
+    else:
+        folder = tmp_path / "cifar-10-batches-py" if layout == "parent" else tmp_path
+        folder.mkdir(exist_ok=True)
+        for name, data in batches.items():
+            (folder / name).write_bytes(_pickled(data))
+        root = tmp_path
+    train, test = build_datasets("cifar", root, image_size=32, channels=3, seed=0)
+    assert (len(train), len(test)) == (20, 4)
+    expected = torch.from_numpy(batches["test_batch"][1].reshape(3, 32, 32) / 255).float()
+    torch.testing.assert_close(test[1], expected)
+    # Training images are flipped horizontally at random, per epoch.
+    original = torch.from_numpy(batches["data_batch_2"][0].reshape(3, 32, 32) / 255).float()
+    seen = {torch.equal(train[(e, 4)], original.flip(-1)) for e in range(20)}
+    assert all(torch.equal(train[(e, 4)], original) or torch.equal(train[(e, 4)], original.flip(-1))
+               for e in range(20))
+    assert seen == {True, False}
+
+
+def test_cifar10_corrupt_batch(tmp_path):
+    for name in _cifar_batches():
+        (tmp_path / name).write_bytes(b"garbage")
+    with pytest.raises(InputError, match="not a CIFAR-10 python batch"):
+        build_datasets("cifar", tmp_path, image_size=32, channels=3, seed=0)
+
+
+# ----------------------------------------------------------------------------- image folder
+
+def _save(path, arr, fmt):
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path, format=fmt)
+
+
+def test_image_folder_with_splits_crops_and_resizes(tmp_path):
+    rng = _rng()
+    # A 24x16 (w x h) image whose centre 16x16 square is known exactly: no resize needed.
+    wide = rng.integers(0, 256, (16, 24, 3), dtype=np.uint8)
+    _save(tmp_path / "train" / "a.png", wide, "PNG")
+    _save(tmp_path / "train" / "sub" / "b.jpg", rng.integers(0, 256, (40, 30, 3), dtype=np.uint8), "JPEG")
+    _save(tmp_path / "test" / "c.png", rng.integers(0, 256, (16, 16, 3), dtype=np.uint8), "PNG")
+    (tmp_path / "train" / "notes.txt").write_text("ignored")
+    train, test = build_datasets("folder", tmp_path, image_size=16, channels=3, seed=0)
+    assert (len(train), len(test)) == (2, 1)
+    a = train.read(0)
+    assert a.shape == (3, 16, 16) and a.dtype == torch.uint8
+    assert torch.equal(a, torch.from_numpy(wide[:, 4:20].copy()).permute(2, 0, 1))
+    assert train[(0, 1)].shape == (3, 16, 16)
+
+
+def test_image_folder_without_splits(tmp_path):
+    rng = _rng()
+    for i in range(12):
+        _save(tmp_path / f"{i:02d}.png", rng.integers(0, 256, (8, 8), dtype=np.uint8), "PNG")
+    train, test = build_datasets("folder", tmp_path, image_size=4, channels=1, seed=0)
+    assert (len(train), len(test)) == (11, 1)
+    assert train[0].shape == (1, 4, 4)
+    assert set(train.read.paths).isdisjoint(test.read.paths)
+
+
+def test_image_folder_errors(tmp_path):
+    with pytest.raises(MissingPathError):
+        build_datasets("folder", tmp_path / "nope", image_size=8, channels=3, seed=0)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="need at least one"):
+        build_datasets("folder", tmp_path / "empty", image_size=8, channels=3, seed=0)
+    (tmp_path / "bad" / "train").mkdir(parents=True)
+    (tmp_path / "bad" / "test").mkdir()
+    (tmp_path / "bad" / "train" / "x.png").write_bytes(b"not a png")
+    (tmp_path / "bad" / "test" / "y.png").write_bytes(b"not a png")
+    with pytest.raises(InputError, match="not a readable PNG/JPEG"):
+        build_datasets("folder", tmp_path / "bad", image_size=8, channels=3, seed=0)
+
+
+# ----------------------------------------------------------------------------- LMDB
+
+def test_official_lmdb_layout(tmp_path):
+    lmdb = pytest.importorskip("lmdb")
+    from PIL import Image
+
+    rng = _rng()
+    raw = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    encoded = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    png = io.BytesIO()
+    Image.fromarray(encoded).save(png, format="PNG")
+    for name, values in (("train.lmdb", [raw.tobytes(), png.getvalue()]), ("validation.lmdb", [raw.tobytes()])):
+        env = lmdb.open(str(tmp_path / name), map_size=1 << 20)
+        with env.begin(write=True) as txn:
+            for i, v in enumerate(values):
+                txn.put(str(i).encode(), v)
+        env.close()
+    assert detect_format("celeba_256", tmp_path) == "lmdb"
+    train, test = build_datasets("lmdb", tmp_path, image_size=8, channels=3, seed=0)
+    assert (len(train), len(test)) == (2, 1)
+    assert torch.equal(train.read(0), torch.from_numpy(raw).permute(2, 0, 1))
+    assert torch.equal(train.read(1), torch.from_numpy(encoded).permute(2, 0, 1))
+    # Loader workers open their own LMDB handle.
+    loader = make_loader(train, 2, train=True, seed=0, num_workers=1)
+    (batch,) = list(loader)
+    assert batch.shape == (2, 3, 8, 8)
+
+
+def test_lmdb_missing_split(tmp_path):
+    pytest.importorskip("lmdb")
+    with pytest.raises(MissingPathError, match="train.lmdb"):
+        build_datasets("lmdb", tmp_path, image_size=8, channels=3, seed=0)
+
+
+# ----------------------------------------------------------------------------- digits, formats, sizes
+
+def test_digits_embedded_dataset():
+    train, test = build_datasets("digits", None, image_size=8, channels=1, seed=0)
+    assert (len(train), len(test)) == (1497, 300)
+    x = train[(0, 5)]
+    assert x.shape == (1, 8, 8) and torch.equal(x, train[(1, 5)])  # no random transform
+    assert set((x * 16).unique().tolist()) <= set(range(17)) and x.max() > 0.5
+    binary, _ = build_datasets("digits", None, image_size=8, channels=1, seed=0, binarize=True)
+    assert set(binary[(0, 5)].unique().tolist()) <= {0.0, 1.0}
+
+
+def test_unknown_format_and_wrong_size(tmp_path):
+    with pytest.raises(InputError, match="unknown data format"):
+        build_datasets("tfrecord", tmp_path, image_size=8, channels=1, seed=0)
+    write_mnist(tmp_path)
+    with pytest.raises(InputError, match=r"\(1, 32, 32\).*\(1, 16, 16\)"):
+        build_datasets("idx", tmp_path, image_size=16, channels=1, seed=0)
+    with pytest.raises(MissingPathError):
+        detect_format("celeba_64", tmp_path / "missing")
+
+
+# ----------------------------------------------------------------------------- sampler, loader, bits
+
+def test_sampler_ranks_partition_the_joined_batches():
+    data = list(range(23))
+    world, batch = 2, 3
+    single = EpochSampler(data, shuffle=True, seed=5, drop_last=True)
+    ranks = [EpochSampler(data, shuffle=True, seed=5, rank=r, world_size=world, drop_last=True) for r in range(world)]
+    for s in [single, *ranks]:
+        s.set_position(epoch=4)
+    joined = [i for _, i in single]
+    per_rank = [[i for _, i in s] for s in ranks]
+    for k in range(len(per_rank[0]) // batch):
+        union = sorted(sum((p[k * batch:(k + 1) * batch] for p in per_rank), []))
+        assert union == sorted(joined[k * world * batch:(k + 1) * world * batch])
+    # Epoch keys and resumption part-way into an epoch.
+    ranks[1].set_position(epoch=4, start=3)
+    assert [k for k in ranks[1]] == [(4, i) for i in per_rank[1][3:]]
+    assert len(ranks[1]) == len(per_rank[1]) - 3
+
+
+def test_loader_order_depends_only_on_seed_and_epoch():
+    train, _ = build_datasets("digits", None, image_size=8, channels=1, seed=0)
+
+    def first_batch(epoch, workers):
+        loader = make_loader(train, 4, train=True, seed=1, num_workers=workers)
+        loader.sampler.set_position(epoch)
+        return next(iter(loader))
+
+    assert torch.equal(first_batch(2, 0), first_batch(2, 2))
+    assert not torch.equal(first_batch(2, 0), first_batch(3, 0))
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        make_loader(train, 5000, train=True, seed=0)
+
+
+def test_quantize_num_x_bits():
+    x = torch.arange(256.0) / 255
+    assert torch.equal(quantize(x, 8), x)
+    q = quantize(x, 5)
+    assert q.unique().numel() == 32 and q.min() == 0 and q.max() == 1
+    torch.testing.assert_close(q[8:16], torch.full((8,), 1 / 31))
+    with pytest.raises(ValueError, match="num_x_bits"):
+        quantize(x, 9)
