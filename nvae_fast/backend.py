@@ -151,6 +151,13 @@ def select(op: str, device: torch.device, implemented: Sequence[str]) -> str:
     return "torch"
 
 
+@functools.cache
+def has_kernels(op: str, backend_name: str) -> bool:
+    """Whether ``nvae_fast.kernels.<backend>.<op>`` exists (without importing it): ops list only the
+    fast backends that ship a kernel module for them."""
+    return importlib.util.find_spec(f"nvae_fast.kernels.{backend_name}.{op}") is not None
+
+
 def kernels(op: str, backend_name: str) -> ModuleType:
     """The kernel module of a fast backend for ``op``: ``nvae_fast.kernels.<backend>.<op>``."""
     if backend_name not in ("triton", "cuda"):

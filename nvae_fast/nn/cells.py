@@ -18,9 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from nvae_fast import backend
 from nvae_fast.config import CHANNEL_MULT
 from nvae_fast.nn.batchnorm import BatchNorm2d, BatchNormSwish
 from nvae_fast.nn.conv import Conv2D
+from nvae_fast.ops.dwconv_stage import KERNEL_SIZES
+from nvae_fast.ops.gen_cell import GenCellParams, GenCellRunningStats, gen_cell
 
 BN_EPS = 1e-5
 BN_MOMENTUM = 0.05
@@ -301,7 +304,10 @@ class InvertedResidualCell(Cell):
     path; the mbconv architectures also use this class in the encoder (``resample == 'down'``
     there for down cells, whose skip is a FactorizedReduce). Parameters keep the official structure: ``skip``, ``_ops.0`` (an :class:`InvertedResidual`:
     BN0, expand 1x1 conv, BN1+Swish, depthwise conv, BN2+Swish, project 1x1 conv, BN3) and ``se``.
-    The forward below is the eager composition of those modules, the reference a fused op must equal.
+
+    Normal and up cells run the fused cell (:func:`nvae_fast.ops.gen_cell.gen_cell`) on CUDA tensors
+    (or anywhere when the triton backend is requested); the eager composition of the modules is the
+    reference it equals, and runs otherwise (CPU, the torch backend, down cells).
     """
 
     def __init__(self, c_in: int, c_out: int, cell_type: str, op: str, use_se: bool) -> None:
@@ -314,10 +320,51 @@ class InvertedResidualCell(Cell):
         return self._ops[0]
 
     def forward(self, x: Tensor) -> Tensor:
+        if self._runs_fused(x):
+            return self._fused_forward(x)
         branch = self.block(x)
         if self.use_se:
             branch = self.se(branch)
         return self.skip(x) + BRANCH_SCALE * branch
+
+    def _runs_fused(self, x: Tensor) -> bool:
+        """Whether the fused cell (nvae_fast.ops.gen_cell) computes this forward: on CUDA tensors
+        unless the torch backend is requested, on any tensors when triton is requested; for the
+        stride-1 cells (normal and up) whose layers are as the official ones build them."""
+        requested = backend.requested_backend()
+        if not (requested == "triton" or (x.is_cuda and requested != "torch")):
+            return False
+        blk = self.block
+        bns = (blk.bn0, blk.bn1, blk.bn2, blk.bn3)
+        convs = (blk.conv1, blk.conv_dw, blk.conv2)
+        return (blk.stride == 1 and x.dim() == 4
+                and blk.conv_dw.kernel_size[0] in KERNEL_SIZES and blk.conv_dw.dilation == (1, 1)
+                and all(conv.bias is None for conv in convs)
+                and all(bn.affine and bn.track_running_stats and bn.momentum is not None
+                        and bn.training == self.training for bn in bns)
+                and len({(bn.momentum, bn.eps) for bn in bns}) == 1)
+
+    def _fused_forward(self, x: Tensor) -> Tensor:
+        blk = self.block
+        bn0, bn1, bn2, bn3 = blk.bn0, blk.bn1, blk.bn2, blk.bn3
+        se = (self.se.se[0].weight, self.se.se[0].bias, self.se.se[2].weight, self.se.se[2].bias) if self.use_se \
+            else ()
+        params = GenCellParams(bn0.weight, bn0.bias, blk.conv1.normalized_weight(), bn1.weight, bn1.bias,
+                               blk.conv_dw.normalized_weight(), bn2.weight, bn2.bias, blk.conv2.normalized_weight(),
+                               bn3.weight, bn3.bias, *se)
+        running = GenCellRunningStats(bn0.running_mean, bn0.running_var, bn1.running_mean, bn1.running_var,
+                                      bn2.running_mean, bn2.running_var, bn3.running_mean, bn3.running_var)
+        if self.training:
+            for bn in (bn0, bn1, bn2, bn3):
+                bn.num_batches_tracked.add_(1)
+        skip = self.skip(x) if blk.upsample else None
+        if torch.is_autocast_enabled(x.device.type) and x.dtype == torch.float32:
+            # The eager cell's convolutions would run in the autocast dtype: so do the fused
+            # stages; the residual sum keeps the skip's dtype, as the eager cell's does.
+            skip = x if skip is None else skip
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        return gen_cell(x, params, running, skip, upsample=blk.upsample, training=self.training,
+                        momentum=bn0.momentum, eps=bn0.eps, process_group=bn0.process_group)
 
 
 def make_cell(c_in: int, c_out: int, cell_type: str, ops: tuple[str, ...] | list[str], use_se: bool) -> Cell:

@@ -13,20 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _row_offsets(rows, HW, W, s_n, s_h, s_w):
-    rows = rows.to(tl.int64)
-    n = rows // HW
-    hw = rows - n * HW
-    h = hw // W
-    return n * s_n + h * s_h + (hw - h * W) * s_w
-
-
-@triton.jit
-def _swish_grad(z):
-    s = tl.sigmoid(z)
-    return s * (1.0 + z * (1.0 - s))
+from nvae_fast.kernels.triton.common import finalize_stats, finalize_sums, row_offsets, swish_grad
 
 
 @triton.jit
@@ -47,7 +34,7 @@ def _stats_partial_kernel(
         rows = r0 + tl.arange(0, BLOCK_M)
         row_ok = rows < row_end
         mask = row_ok[:, None] & col_ok[None, :]
-        offs = _row_offsets(rows, HW, W, s_n, s_h, s_w)[:, None] + cols[None, :].to(tl.int64) * s_c
+        offs = row_offsets(rows, HW, W, s_n, s_h, s_w)[:, None] + cols[None, :].to(tl.int64) * s_c
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         tile_n = tl.sum(row_ok.to(tl.float32), axis=0)
         tile_mean = tl.sum(x, axis=0) / tile_n
@@ -66,35 +53,6 @@ def _stats_partial_kernel(
 
 
 @triton.jit
-def _stats_finalize_kernel(ws_ptr, mean_ptr, var_ptr, C, num_chunks, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Merges the chunk partials of the stats kernel (in chunk order) into mean and biased variance."""
-    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    col_ok = cols < C
-    count = tl.zeros([BLOCK_C], dtype=tl.float32)
-    mean = tl.zeros([BLOCK_C], dtype=tl.float32)
-    m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for p0 in range(0, num_chunks, BLOCK_P):
-        chunks = p0 + tl.arange(0, BLOCK_P)
-        mask = (chunks < num_chunks)[:, None] & col_ok[None, :]
-        offs = chunks[:, None] * C + cols[None, :]
-        n_p = tl.load(ws_ptr + offs, mask=mask, other=0.0)
-        mean_p = tl.load(ws_ptr + num_chunks * C + offs, mask=mask, other=0.0)
-        m2_p = tl.load(ws_ptr + 2 * num_chunks * C + offs, mask=mask, other=0.0)
-        tile_n = tl.sum(n_p, axis=0)
-        tile_mean = tl.sum(n_p * mean_p, axis=0) / tl.maximum(tile_n, 1.0)
-        dev = mean_p - tile_mean[None, :]
-        tile_m2 = tl.sum(m2_p + n_p * dev * dev, axis=0)
-        total = count + tile_n
-        delta = tile_mean - mean
-        w_tile = tile_n / tl.maximum(total, 1.0)
-        mean += delta * w_tile
-        m2 += tile_m2 + delta * delta * count * w_tile
-        count = total
-    tl.store(mean_ptr + cols, mean, mask=col_ok)
-    tl.store(var_ptr + cols, m2 / tl.maximum(count, 1.0), mask=col_ok)
-
-
-@triton.jit
 def _forward_kernel(
     x_ptr, y_ptr, scale_ptr, shift_ptr, M, C, HW, W,
     sx_n, sx_c, sx_h, sx_w, sy_n, sy_c, sy_h, sy_w,
@@ -106,8 +64,8 @@ def _forward_kernel(
     col_ok = cols < C
     mask = (rows < M)[:, None] & col_ok[None, :]
     cols64 = cols[None, :].to(tl.int64)
-    x_offs = _row_offsets(rows, HW, W, sx_n, sx_h, sx_w)[:, None] + cols64 * sx_c
-    y_offs = _row_offsets(rows, HW, W, sy_n, sy_h, sy_w)[:, None] + cols64 * sy_c
+    x_offs = row_offsets(rows, HW, W, sx_n, sx_h, sx_w)[:, None] + cols64 * sx_c
+    y_offs = row_offsets(rows, HW, W, sy_n, sy_h, sy_w)[:, None] + cols64 * sy_c
     scale = tl.load(scale_ptr + cols, mask=col_ok, other=0.0)
     shift = tl.load(shift_ptr + cols, mask=col_ok, other=0.0)
     x = tl.load(x_ptr + x_offs, mask=mask, other=0.0).to(tl.float32)
@@ -136,33 +94,16 @@ def _backward_reduce_kernel(
     for r0 in range(row_start, row_end, BLOCK_M):
         rows = r0 + tl.arange(0, BLOCK_M)
         mask = (rows < row_end)[:, None] & col_ok[None, :]
-        x = tl.load(x_ptr + _row_offsets(rows, HW, W, sx_n, sx_h, sx_w)[:, None] + cols64 * sx_c,
+        x = tl.load(x_ptr + row_offsets(rows, HW, W, sx_n, sx_h, sx_w)[:, None] + cols64 * sx_c,
                     mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(dy_ptr + _row_offsets(rows, HW, W, sd_n, sd_h, sd_w)[:, None] + cols64 * sd_c,
+        dy = tl.load(dy_ptr + row_offsets(rows, HW, W, sd_n, sd_h, sd_w)[:, None] + cols64 * sd_c,
                      mask=mask, other=0.0).to(tl.float32)
-        g = dy * _swish_grad(x * scale + shift)
+        g = dy * swish_grad(x * scale + shift)
         sum_g += tl.sum(g, axis=0)
         sum_gxmu += tl.sum(g * (x - mean), axis=0)
     base = ws_ptr + chunk * C + cols
     tl.store(base, sum_g, mask=col_ok)
     tl.store(base + num_chunks * C, sum_gxmu, mask=col_ok)
-
-
-@triton.jit
-def _sums_finalize_kernel(ws_ptr, out0_ptr, out1_ptr, C, num_chunks, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """out0[c], out1[c] = sums over chunks of ws[0, :, c] and ws[1, :, c] (fixed order)."""
-    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    col_ok = cols < C
-    acc0 = tl.zeros([BLOCK_C], dtype=tl.float32)
-    acc1 = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for p0 in range(0, num_chunks, BLOCK_P):
-        chunks = p0 + tl.arange(0, BLOCK_P)
-        mask = (chunks < num_chunks)[:, None] & col_ok[None, :]
-        offs = chunks[:, None] * C + cols[None, :]
-        acc0 += tl.sum(tl.load(ws_ptr + offs, mask=mask, other=0.0), axis=0)
-        acc1 += tl.sum(tl.load(ws_ptr + num_chunks * C + offs, mask=mask, other=0.0), axis=0)
-    tl.store(out0_ptr + cols, acc0, mask=col_ok)
-    tl.store(out1_ptr + cols, acc1, mask=col_ok)
 
 
 @triton.jit
@@ -182,13 +123,13 @@ def _backward_apply_kernel(
     mean = tl.load(mean_ptr + cols, mask=col_ok, other=0.0)[None, :]
     kxmu = tl.load(kxmu_ptr + cols, mask=col_ok, other=0.0)[None, :]
     kconst = tl.load(kconst_ptr + cols, mask=col_ok, other=0.0)[None, :]
-    x = tl.load(x_ptr + _row_offsets(rows, HW, W, sx_n, sx_h, sx_w)[:, None] + cols64 * sx_c,
+    x = tl.load(x_ptr + row_offsets(rows, HW, W, sx_n, sx_h, sx_w)[:, None] + cols64 * sx_c,
                 mask=mask, other=0.0).to(tl.float32)
-    dy = tl.load(dy_ptr + _row_offsets(rows, HW, W, sd_n, sd_h, sd_w)[:, None] + cols64 * sd_c,
+    dy = tl.load(dy_ptr + row_offsets(rows, HW, W, sd_n, sd_h, sd_w)[:, None] + cols64 * sd_c,
                  mask=mask, other=0.0).to(tl.float32)
-    g = dy * _swish_grad(x * scale + shift)
+    g = dy * swish_grad(x * scale + shift)
     dx = scale * g + kxmu * (x - mean) + kconst
-    out_offs = _row_offsets(rows, HW, W, so_n, so_h, so_w)[:, None] + cols64 * so_c
+    out_offs = row_offsets(rows, HW, W, so_n, so_h, so_w)[:, None] + cols64 * so_c
     tl.store(dx_ptr + out_offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
@@ -233,11 +174,7 @@ def bn_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x, ws, M, C, HW, W, x.stride(0), x.stride(1), x.stride(2), x.stride(3), rows_per_prog, chunks,
         BLOCK_M=block_m, BLOCK_C=block_c,
     )
-    mean = torch.empty(C, device=x.device, dtype=torch.float32)
-    var = torch.empty_like(mean)
-    fin_c = min(triton.next_power_of_2(C), 128)
-    _stats_finalize_kernel[(triton.cdiv(C, fin_c),)](ws, mean, var, C, chunks, BLOCK_P=32, BLOCK_C=fin_c)
-    return mean, var
+    return finalize_stats(ws)
 
 
 def bn_swish_forward(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -262,10 +199,7 @@ def bn_swish_backward_reduce(
         dy, x, scale, shift, mean, ws, M, C, HW, W, *_strides(x), *_strides(dy), rows_per_prog, chunks,
         BLOCK_M=block_m, BLOCK_C=block_c,
     )
-    sum_g = torch.empty(C, device=x.device, dtype=torch.float32)
-    sum_gxmu = torch.empty_like(sum_g)
-    fin_c = min(triton.next_power_of_2(C), 128)
-    _sums_finalize_kernel[(triton.cdiv(C, fin_c),)](ws, sum_g, sum_gxmu, C, chunks, BLOCK_P=32, BLOCK_C=fin_c)
+    sum_g, sum_gxmu = finalize_sums(ws)
     return sum_g, sum_gxmu
 
 

@@ -1,0 +1,132 @@
+"""Compiles the Triton kernels of the fused cell, the depthwise stage and the KL for NVIDIA GPUs
+without one: the launchers run on CPU tensors with every kernel launch recorded instead of run,
+then each recorded specialisation goes through Triton's whole compiler (down to a cubin, with the
+ptxas Triton ships) for the given architectures. This catches what the interpreter cannot: code
+that does not compile for a GPU, and the bfloat16 ``tl.dot`` path the interpreter cannot run.
+
+    python tests/triton_aot.py 80 90      # exit status 1 if any kernel fails to compile
+
+Must run without TRITON_INTERPRET (tests/test_triton_compiles.py starts it in a subprocess).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime.jit import JITFunction
+
+from nvae_fast.kernels.triton import bn_swish, common, dwconv_stage, gen_cell, normal_kl
+from nvae_fast.ops.gen_cell import LinComb
+
+_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+_GPU = torch.device("cuda")
+
+
+def _record_launches() -> list[tuple[JITFunction, tuple, dict]]:
+    """Makes every ``kernel[grid](...)`` append (kernel, args, constexpr kwargs) instead of running,
+    and the launchers choose what they would choose on a GPU (block sizes, dot dtype, precision)."""
+    launches: list[tuple[JITFunction, tuple, dict]] = []
+
+    def record(self, *args, grid, warmup, **kwargs):
+        launches.append((self, args, kwargs))
+
+    JITFunction.run = record
+    gemm_blocks, elementwise_blocks, dw_blocks = (gen_cell._gemm_blocks, gen_cell._elementwise_blocks,
+                                                  dwconv_stage._blocks)
+    gen_cell._gemm_blocks = lambda device, K, NOUT: gemm_blocks(_GPU, K, NOUT)
+    gen_cell._elementwise_blocks = lambda device, C, rows: elementwise_blocks(_GPU, C, rows)
+    dwconv_stage._blocks = lambda C, pixels, device: dw_blocks(C, pixels, _GPU)
+    gen_cell.dot_dtype = lambda t: common._TL_DTYPES[t.dtype]
+    gen_cell.dot_precision = lambda t: "tf32" if t.dtype == torch.float32 else "ieee"
+    return launches
+
+
+def _launch_everything(dtype: torch.dtype, k: int, upsample: bool, stride2: bool, kl: bool) -> None:
+    """Calls every launcher once (the KL's only with ``kl``), with shapes that do not divide the
+    block sizes."""
+    N, Cin, H, W, E = 2, 20, 6, 5, 6
+    EC, Cout = Cin * E, Cin // 2 if upsample else Cin
+    Ho, Wo = (2 * H, 2 * W) if upsample else (H, W)
+
+    def v(*shape):
+        return torch.randn(*shape)
+
+    def act(C, h, w):
+        return torch.randn(N, C, h, w).to(dtype).contiguous(memory_format=torch.channels_last)
+
+    x = act(Cin, H, W)
+    bn_swish.bn_stats(x)
+    a, _, _ = gen_cell.conv1_forward(x, v(EC, Cin), v(EC), True)
+    c, _, _ = dwconv_stage.dwconv_stage_forward(a, v(EC), v(EC), v(EC, 1, k, k), 1, upsample)
+    e, *_ = gen_cell.conv2_forward(c, v(EC), v(EC), v(Cout, EC))
+    gen_cell.output_forward(e, v(Cout), v(Cout), v(N, Cout), act(Cout, Ho, Wo))
+    dout = act(Cout, Ho, Wo)
+    gen_cell.output_backward_sums(dout, e, v(Cout))
+    de = LinComb(v(N, Cout), v(Cout), v(Cout), v(N, Cout))
+    gen_cell.conv2_backward_reduce(dout, e, de, c, v(EC), v(EC), v(EC), v(Cout, EC))
+    dc = gen_cell.conv2_backward_apply(dout, e, de, c, v(EC), v(EC), v(EC), v(Cout, EC), v(EC), v(EC))
+    gen_cell.conv2_weight_grad(dout, e, de, c, v(EC), v(EC))
+    dwconv_stage.dwconv_stage_backward(dc, a, v(EC), v(EC), v(EC), v(EC, 1, k, k), 1, upsample)
+    da = LinComb(v(1, EC), v(EC), v(EC), v(1, EC))
+    gen_cell.conv1_weight_grad(a, a, da, x, v(Cin), v(Cin))
+    gen_cell.conv1_backward_data(a, a, da, v(EC, Cin), x, v(Cin), v(Cin), v(Cin), None if upsample else x)
+    if stride2:
+        c2, _, _ = dwconv_stage.dwconv_stage_forward(a, v(EC), v(EC), v(EC, 1, k, k), 2, False)
+        dwconv_stage.dwconv_stage_backward(torch.randn_like(c2), a, v(EC), v(EC), v(EC), v(EC, 1, k, k), 2, False)
+    if not kl:
+        return
+    g = act(8, H, W)
+    for prior in (g, None):
+        normal_kl.normal_kl_forward(prior, prior, g, g, g, True)
+        normal_kl.normal_kl_backward(g, None, v(N), v(N), v(8), prior, prior, g, g, g, True)
+        normal_kl.flow_kl_forward(prior, prior, g, g, g, g, True)
+        normal_kl.flow_kl_backward(v(N), None, v(N), v(8), prior, prior, g, g, g, g, True)
+        normal_kl.normal_sample_forward(prior, prior, g, 0.7)
+    normal_kl.normal_sample_backward(g, g, g, g, 0.7)
+
+
+def _signature(fn: JITFunction, args: tuple, kwargs: dict) -> tuple[dict, dict]:
+    signature, constexprs = {}, {}
+    values = iter(args)
+    for param in fn.params:
+        if param.is_constexpr:
+            signature[param.name], constexprs[param.name] = "constexpr", kwargs[param.name]
+            continue
+        value = next(values)
+        if isinstance(value, torch.Tensor):
+            signature[param.name] = "*" + _TYPES[value.dtype]
+        elif isinstance(value, float):
+            signature[param.name] = "fp32"
+        else:
+            signature[param.name] = "i64" if abs(value) >= 2**31 else "i32"
+    return signature, constexprs
+
+
+def main(archs: list[int]) -> int:
+    launches = _record_launches()
+    _launch_everything(torch.bfloat16, 5, upsample=True, stride2=False, kl=True)
+    _launch_everything(torch.float32, 3, upsample=False, stride2=True, kl=False)
+    specialisations = {}
+    for fn, args, kwargs in launches:
+        signature, constexprs = _signature(fn, args, kwargs)
+        key = (fn.__name__, tuple(signature.items()), tuple((k, str(v)) for k, v in constexprs.items()))
+        specialisations[key] = (fn, signature, constexprs)
+    failures = 0
+    for arch in archs:
+        for fn, signature, constexprs in specialisations.values():
+            try:
+                triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                               target=GPUTarget("cuda", arch, 32))
+            except Exception as err:  # report every failing kernel, then fail
+                failures += 1
+                print(f"sm_{arch} {fn.__name__} {constexprs}: {err}", file=sys.stderr)
+    print(f"{len(specialisations)} kernel specialisations, sm_{'/'.join(map(str, archs))}: {failures} failed")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main([int(a) for a in sys.argv[1:]] or [80, 90]))
