@@ -130,4 +130,5 @@ def dwconv_stage_backward(dc: Tensor, a: Tensor, scale: Tensor, shift: Tensor, m
                               upsample, scale.data_ptr(), shift.data_ptr(), mean_a.data_ptr(), taps.data_ptr(),
                               g.data_ptr(), sums.data_ptr(), dweight.data_ptr(), ws.data_ptr(), ws.numel(), device,
                               stream)
-    return g, sums[0], sums[1], dweight
+    # Custom ops may not return outputs that share storage: the kernel writes one (2, C) block.
+    return g, sums[0], sums[1].clone(), dweight

@@ -92,7 +92,8 @@ def _reduce(fn_name: str, ref: Tensor, residual: bool, views: dict[str, _View]) 
     getattr(ext, fn_name)(code, tuple(ref.shape), residual, views,
                           {"sums_n": sums.data_ptr(), "kl_diag": kl_diag.data_ptr()}, ws.data_ptr(), ws.numel(),
                           device, stream)
-    return sums[0], sums[1], sums[2], kl_diag
+    # Custom ops may not return outputs that share storage: the kernel writes one (3, N) block.
+    return sums[0], sums[1].clone(), sums[2].clone(), kl_diag
 
 
 def _elementwise(fn_name: str, ref: Tensor, residual: bool, temperature: float, views: dict[str, _View],
