@@ -229,6 +229,15 @@ def test_sampler_ranks_partition_the_joined_batches():
     assert len(ranks[1]) == len(per_rank[1]) - 3
 
 
+@pytest.mark.parametrize("size, world", [(10, 3), (23, 2), (2, 3), (12, 4)])
+def test_evaluation_shards_hold_every_image_once(size, world):
+    ranks = [EpochSampler(list(range(size)), shuffle=False, seed=0, rank=r, world_size=world) for r in range(world)]
+    shards = [[i for _, i in s] for s in ranks]
+    assert sorted(sum(shards, [])) == list(range(size))
+    assert [len(s) for s in ranks] == [len(shard) for shard in shards]
+    assert max(map(len, shards)) - min(map(len, shards)) <= 1
+
+
 def test_loader_order_depends_only_on_seed_and_epoch():
     train, _ = build_datasets("digits", None, image_size=8, channels=1, seed=0)
 

@@ -5,7 +5,9 @@ the order of epoch e depends only on (seed, e), rank r takes every world-th inde
 of all ranks together is the same set of images as batch k of one process with world times the
 batch size. It yields ``(epoch, index)`` keys so that the datasets' random transforms are keyed
 by epoch too, and it can start part-way into an epoch, which is how ``--resume`` continues
-exactly where a checkpoint was written.
+exactly where a checkpoint was written. Without drop_last (evaluation) DistributedSampler pads
+the epoch with repeated indices to a multiple of the world size; EpochSampler leaves those out, so
+the ranks' shards may differ in length by one but together hold every image exactly once.
 """
 
 from __future__ import annotations
@@ -39,6 +41,9 @@ class EpochSampler(Sampler[tuple[int, int]]):
                                         drop_last=drop_last)
         self.epoch = 0
         self.start = 0
+        # Rank r's i-th index sits at position r + i·world of the padded epoch; positions past the
+        # dataset's end are padding.
+        self.own = min(len(self.inner), len(range(rank, len(dataset), world_size)))
 
     def set_position(self, epoch: int, start: int = 0) -> None:
         """Next iteration covers ``epoch`` from this rank's ``start``-th sample on."""
@@ -47,11 +52,11 @@ class EpochSampler(Sampler[tuple[int, int]]):
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         for i, index in enumerate(self.inner):
-            if i >= self.start:
+            if self.start <= i < self.own:
                 yield self.epoch, index
 
     def __len__(self) -> int:
-        return len(self.inner) - self.start
+        return max(0, self.own - self.start)
 
 
 def make_loader(dataset: Dataset, batch_size: int, *, train: bool, seed: int, rank: int = 0, world_size: int = 1,
