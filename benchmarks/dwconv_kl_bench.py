@@ -21,16 +21,14 @@ git commit, shapes and raw times. Without a GPU the script says so and exits wit
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import statistics
-import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = [(32, 1536, 16, 16), (32, 384, 32, 32), (4, 360, 128, 128)]
@@ -39,14 +37,6 @@ DEVICE = "cuda"  # the tests build the eager cases on the CPU to check them
 # FP32 lanes per SM by compute capability major.minor (CUDA programming guide, throughput table).
 FP32_LANES = {(8, 0): 64}
 FP32_LANES_DEFAULT = 128
-
-
-def _git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 def _backends(op: str) -> dict[str, object]:
@@ -65,29 +55,6 @@ def _backends(op: str) -> dict[str, object]:
     return found
 
 
-def _time(fn: Callable[[int], object], sets: int, warmup: int, iters: int) -> list[float]:
-    """Microseconds of each of `iters` calls fn(i % sets), after `warmup` untimed calls."""
-    for i in range(warmup):
-        fn(i % sets)
-    torch.cuda.synchronize()
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
-    stops = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
-    for i in range(iters):
-        starts[i].record()
-        fn(i % sets)
-        stops[i].record()
-    torch.cuda.synchronize()
-    return [1e3 * a.elapsed_time(b) for a, b in zip(starts, stops)]
-
-
-def _copy_bandwidth() -> float:
-    """Bytes per second of a 1 GiB device-to-device copy (read + write), median of 20."""
-    src = torch.empty(1 << 30, dtype=torch.uint8, device=DEVICE)
-    dst = torch.empty_like(src)
-    times = _time(lambda i: dst.copy_(src), 1, 3, 20)
-    return 2 * src.numel() / (statistics.median(times) * 1e-6)
-
-
 def _fp32_peak() -> float:
     """FP32 FLOP/s: SMs x FP32 lanes per SM x 2 (an FMA) x the SM clock."""
     p = torch.cuda.get_device_properties(0)
@@ -97,8 +64,8 @@ def _fp32_peak() -> float:
 
 def _sets_for(bytes_per_set: int, budget: int) -> int:
     """Input sets to cycle through: together at least twice the L2 cache, within a memory budget."""
-    l2 = torch.cuda.get_device_properties(0).L2_cache_size
-    return max(2, min(-(-2 * l2 // bytes_per_set) + 1, budget // max(bytes_per_set, 1)))
+    wanted = harness.rotation_count(bytes_per_set, torch.device(DEVICE)) + 1
+    return max(2, min(wanted, budget // max(bytes_per_set, 1)))
 
 
 # ---- the depthwise stage ----------------------------------------------------------------------
@@ -226,14 +193,14 @@ def main(argv: list[str] | None = None) -> int:
 
     dtype = getattr(torch, args.dtype)
     props = torch.cuda.get_device_properties(0)
-    bandwidth, fp32 = _copy_bandwidth(), _fp32_peak()
+    device = torch.device(DEVICE)
+    bandwidth, fp32 = harness.copy_bandwidth_gbs(device) * 1e9, _fp32_peak()
     free_memory = torch.cuda.mem_get_info()[0]
     report = {
         "device": {"name": props.name, "capability": f"{props.major}.{props.minor}", "sms": props.multi_processor_count,
                    "l2_bytes": props.L2_cache_size, "sm_clock_khz": props.clock_rate,
                    "copy_bandwidth_bytes_per_s": bandwidth, "fp32_peak_flop_per_s": fp32},
-        "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, "nvae_fast": nvae_fast.__version__,
-                     "python": platform.python_version(), "git_commit": _git_commit()},
+        "environment": harness.environment(), "nvae_fast": nvae_fast.__version__,
         "dtype": args.dtype, "kernel_size": KERNEL, "iters": args.iters, "warmup": args.warmup,
         "results": [], "unavailable": {},
     }
@@ -251,8 +218,8 @@ def main(argv: list[str] | None = None) -> int:
                     report["unavailable"][f"{op}/{impl}"] = fns
                     continue
                 for pass_name, fn in zip(("forward", "backward"), fns):
-                    times = _time(fn, sets, args.warmup, args.iters)
-                    median = statistics.median(times)
+                    timing = harness.measure(fn, range(sets), warmup=args.warmup, reps=args.iters, device=device)
+                    median, times = 1e3 * timing.median_ms, [1e3 * t for t in timing.times_ms]
                     hbm, fma = floors[pass_name]
                     row = {"op": op, "pass": pass_name, "impl": impl, "shape": list(shape), "input_sets": sets,
                            "median_us": median, "times_us": times,
@@ -266,8 +233,7 @@ def main(argv: list[str] | None = None) -> int:
             del cases
             torch.cuda.empty_cache()
     out = args.out or ROOT / "benchmarks" / "results" / f"dwconv_kl_{props.name.replace(' ', '_')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
+    harness.write_json(out, report)
     print(f"wrote {out}")
     return 0
 
