@@ -377,6 +377,22 @@ class NVAE(nn.Module):
             total = total + sigma.sum()
         return total
 
+    def spectral_state(self) -> list[dict]:
+        """The power-iteration vectors of :meth:`spectral_norm_parallel`, on the CPU: one
+        ``{"shape": [rows, cols], "u": (num, rows), "v": (num, cols)}`` per weight shape. They live
+        outside the state_dict, as in the official model; a training checkpoint carries them so that
+        a resumed run computes the same regulariser."""
+        return [{"shape": list(shape), "u": u.detach().cpu(), "v": self._sr_v[shape].detach().cpu()}
+                for shape, u in self._sr_u.items()]
+
+    def load_spectral_state(self, state: list[dict]) -> None:
+        """Restores vectors saved by :meth:`spectral_state`, moved to the model's device."""
+        device = self.prior_ftr0.device
+        for item in state:
+            shape = torch.Size(item["shape"])
+            self._sr_u[shape] = item["u"].to(device)
+            self._sr_v[shape] = item["v"].to(device)
+
     def _power_vectors(self, shape: torch.Size, weights: Tensor) -> tuple[Tensor, Tensor, int]:
         num, rows, cols = weights.shape
         u, v = self._sr_u.get(shape), self._sr_v.get(shape)

@@ -206,7 +206,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "guard": self.guard.state_dict(),
-            "spectral": _spectral_vectors(self.model),
+            "spectral": self.model.spectral_state(),
             "step": self.step,
             "epoch": self.epoch,
             "epoch_step": self.epoch_step,
@@ -221,19 +221,7 @@ class Trainer:
         if self.ema is not None and state.get("ema") is not None:
             self.ema.load_state_dict(state["ema"])
         self.guard.load_state_dict(state["guard"])
-        _load_spectral_vectors(self.model, state.get("spectral", []), self.rt.device)
+        self.model.load_spectral_state(state.get("spectral", []))
         self.step, self.epoch, self.epoch_step = int(state["step"]), int(state["epoch"]), int(state["epoch_step"])
 
 
-# The power-iteration vectors of NVAE.spectral_norm_parallel live outside the state_dict (as in the
-# official model); a checkpoint carries them so that a resumed run computes the same regulariser.
-def _spectral_vectors(model: nn.Module) -> list[dict]:
-    return [{"shape": list(shape), "u": u.detach().cpu(), "v": model._sr_v[shape].detach().cpu()}
-            for shape, u in model._sr_u.items()]
-
-
-def _load_spectral_vectors(model: nn.Module, vectors: list[dict], device: torch.device) -> None:
-    for item in vectors:
-        shape = torch.Size(item["shape"])
-        model._sr_u[shape] = item["u"].to(device)
-        model._sr_v[shape] = item["v"].to(device)
