@@ -43,7 +43,27 @@ void require(std::initializer_list<Ptr> ptrs, const char* what) {
   }
 }
 
-void use_device(int device) { check_cuda(cudaSetDevice(device), "cudaSetDevice"); }
+// Makes `device` current for one call and restores the caller's device afterwards: PyTorch reads the
+// same per-thread runtime state, so a launch on a tensor of another GPU must not change it.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    check_cuda(cudaGetDevice(&previous_), "cudaGetDevice");
+    if (device != previous_) {
+      check_cuda(cudaSetDevice(device), "cudaSetDevice");
+      switched_ = true;
+    }
+  }
+  ~DeviceGuard() {
+    if (switched_) cudaSetDevice(previous_);
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int previous_ = 0;
+  bool switched_ = false;
+};
 
 cudaStream_t stream_of(Ptr s) { return reinterpret_cast<cudaStream_t>(s); }
 
@@ -138,7 +158,7 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "bn_reduce_workspace_bytes",
       [](int64_t n, int64_t c, int64_t hw, bool channels_last, int device) {
-        use_device(device);
+        const DeviceGuard guard(device);
         return nvae::bn_reduce_workspace_bytes(to_shape(n, c, hw, channels_last));
       },
       py::arg("n"), py::arg("c"), py::arg("hw"), py::arg("channels_last"), py::arg("device"));
@@ -148,7 +168,7 @@ PYBIND11_MODULE(_C, m) {
       [](Ptr x, int dtype, int64_t n, int64_t c, int64_t hw, bool channels_last, Ptr mean, Ptr var, Ptr workspace,
          size_t workspace_bytes, int device, Ptr stream) {
         require({x, mean, var, workspace}, "bn_stats");
-        use_device(device);
+        const DeviceGuard guard(device);
         check_cuda(nvae::bn_stats(as<const void>(x), to_dtype(dtype), to_shape(n, c, hw, channels_last),
                                   as<float>(mean), as<float>(var), as<void>(workspace), workspace_bytes,
                                   stream_of(stream)),
@@ -161,7 +181,7 @@ PYBIND11_MODULE(_C, m) {
       [](Ptr x, Ptr y, int dtype, int64_t n, int64_t c, int64_t hw, bool channels_last, Ptr scale, Ptr shift,
          int device, Ptr stream) {
         require({x, y, scale, shift}, "bn_swish_forward");
-        use_device(device);
+        const DeviceGuard guard(device);
         check_cuda(nvae::bn_swish_forward(as<const void>(x), as<void>(y), to_dtype(dtype),
                                           to_shape(n, c, hw, channels_last), as<const float>(scale),
                                           as<const float>(shift), stream_of(stream)),
@@ -174,7 +194,7 @@ PYBIND11_MODULE(_C, m) {
       [](Ptr dy, Ptr x, int dtype, int64_t n, int64_t c, int64_t hw, bool channels_last, Ptr scale, Ptr shift,
          Ptr mean, Ptr sum_g, Ptr sum_gxmu, Ptr workspace, size_t workspace_bytes, int device, Ptr stream) {
         require({dy, x, scale, shift, mean, sum_g, sum_gxmu, workspace}, "bn_swish_backward_reduce");
-        use_device(device);
+        const DeviceGuard guard(device);
         check_cuda(nvae::bn_swish_backward_reduce(as<const void>(dy), as<const void>(x), to_dtype(dtype),
                                                   to_shape(n, c, hw, channels_last), as<const float>(scale),
                                                   as<const float>(shift), as<const float>(mean), as<float>(sum_g),
@@ -189,7 +209,7 @@ PYBIND11_MODULE(_C, m) {
       [](Ptr dy, Ptr x, Ptr dx, int dtype, int64_t n, int64_t c, int64_t hw, bool channels_last, Ptr scale,
          Ptr shift, Ptr mean, Ptr coef_xmu, Ptr coef_const, int device, Ptr stream) {
         require({dy, x, dx, scale, shift, mean, coef_xmu, coef_const}, "bn_swish_backward_apply");
-        use_device(device);
+        const DeviceGuard guard(device);
         check_cuda(nvae::bn_swish_backward_apply(
                        as<const void>(dy), as<const void>(x), as<void>(dx), to_dtype(dtype),
                        to_shape(n, c, hw, channels_last), as<const float>(scale), as<const float>(shift),
@@ -204,7 +224,7 @@ PYBIND11_MODULE(_C, m) {
       "dwconv_stage_forward_workspace_bytes",
       [](int64_t n, int64_t c, int64_t h, int64_t w, int k, int stride, bool upsample, int device) {
         const nvae::DwConvShape shape = to_dw_shape(n, c, h, w, k, stride, upsample);
-        use_device(device);
+        const DeviceGuard guard(device);
         return nvae::dwconv_stage_forward_workspace_bytes(shape);
       },
       py::arg("n"), py::arg("c"), py::arg("h"), py::arg("w"), py::arg("k"), py::arg("stride"), py::arg("upsample"),
@@ -214,7 +234,7 @@ PYBIND11_MODULE(_C, m) {
       "dwconv_stage_backward_workspace_bytes",
       [](int64_t n, int64_t c, int64_t h, int64_t w, int k, int stride, bool upsample, int device) {
         const nvae::DwConvShape shape = to_dw_shape(n, c, h, w, k, stride, upsample);
-        use_device(device);
+        const DeviceGuard guard(device);
         return nvae::dwconv_stage_backward_workspace_bytes(shape);
       },
       py::arg("n"), py::arg("c"), py::arg("h"), py::arg("w"), py::arg("k"), py::arg("stride"), py::arg("upsample"),
@@ -227,7 +247,7 @@ PYBIND11_MODULE(_C, m) {
          Ptr stream) {
         require({a, scale, shift, weight, out, mean_c, var_c, workspace}, "dwconv_stage_forward");
         const nvae::DwConvShape shape = to_dw_shape(n, c, h, w, k, stride, upsample);
-        use_device(device);
+        const DeviceGuard guard(device);
         check_cuda(nvae::dwconv_stage_forward(as<const void>(a), to_dtype(dtype), shape, as<const float>(scale),
                                               as<const float>(shift), as<const float>(weight), as<void>(out),
                                               as<float>(mean_c), as<float>(var_c), as<void>(workspace),
@@ -243,7 +263,7 @@ PYBIND11_MODULE(_C, m) {
          size_t workspace_bytes, int device, Ptr stream) {
         require({dc, a, scale, shift, mean_a, weight, g, sums, dweight, workspace}, "dwconv_stage_backward");
         const nvae::DwConvShape shape = to_dw_shape(n, c, h, w, k, stride, upsample);
-        use_device(device);
+        const DeviceGuard guard(device);
         check_cuda(nvae::dwconv_stage_backward(as<const void>(dc), as<const void>(a), to_dtype(dtype), shape,
                                                as<const float>(scale), as<const float>(shift),
                                                as<const float>(mean_a), as<const float>(weight), as<void>(g),
@@ -259,7 +279,7 @@ PYBIND11_MODULE(_C, m) {
       [](int dtype, std::array<int64_t, 4> shape, bool residual, const std::map<std::string, ViewSpec>& views,
          int device) {
         const nvae::NormalKLArgs args = to_kl_args(dtype, shape, residual, 1.f, views, {});
-        use_device(device);
+        const DeviceGuard guard(device);
         return nvae::normal_kl_workspace_bytes(args);
       },
       py::arg("dtype"), py::arg("shape"), py::arg("residual"), py::arg("views"), py::arg("device"));
@@ -277,7 +297,7 @@ PYBIND11_MODULE(_C, m) {
                                             size_t workspace_bytes, int device, Ptr stream) {
           const nvae::NormalKLArgs args = to_kl_args(dtype, shape, residual, 1.f, views, vectors);
           require({workspace}, name.c_str());
-          use_device(device);
+          const DeviceGuard guard(device);
           check_cuda(fn(args, as<void>(workspace), workspace_bytes, stream_of(stream)), name.c_str());
         },
         py::arg("dtype"), py::arg("shape"), py::arg("residual"), py::arg("views"), py::arg("vectors"),
@@ -295,7 +315,7 @@ PYBIND11_MODULE(_C, m) {
                                             const std::map<std::string, ViewSpec>& views,
                                             const std::map<std::string, Ptr>& vectors, int device, Ptr stream) {
           const nvae::NormalKLArgs args = to_kl_args(dtype, shape, residual, temperature, views, vectors);
-          use_device(device);
+          const DeviceGuard guard(device);
           check_cuda(fn(args, stream_of(stream)), name.c_str());
         },
         py::arg("dtype"), py::arg("shape"), py::arg("residual"), py::arg("temperature"), py::arg("views"),

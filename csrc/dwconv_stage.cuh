@@ -374,8 +374,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
 // connects it to satisfies o * S - pad + k = i. U = 2 with upsample (S = 1): the kRun positions of
 // a thread are 2 x 2kRun conv-input positions, summed per 2 x 2 block. Grid as forward_kernel.
 // Writes g and partials[(tile * 2 + {sum g, sum g * (a - mean)}) * C + c] of the fp32 g.
+// With U = 2 and K >= 7 a thread's 2 x 2kRun accumulators and window columns exceed the 128-register
+// budget (152 bytes of spills per thread at K = 7 under kMinBlocks = 2): one block per SM instead.
 template <typename T, int K, int S, int U>
-__global__ void __launch_bounds__(kThreads, kMinBlocks)
+__global__ void __launch_bounds__(kThreads, (U == 2 && K >= 7) ? 1 : kMinBlocks)
     input_grad_kernel(Geometry g, const T* __restrict__ dc, const T* __restrict__ a,
                       const float* __restrict__ scale, const float* __restrict__ shift,
                       const float* __restrict__ mean_a, const float* __restrict__ weight, T* __restrict__ g_out,

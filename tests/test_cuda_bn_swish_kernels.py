@@ -64,3 +64,28 @@ def test_kernels_match_the_formulas(shape, layout, dtype, kernel_device):
     dx_ref = scale.view(per_channel) * gz + coef_xmu.view(per_channel) * (xf - mean.view(per_channel)) \
         + coef_const.view(per_channel)
     assert_close(dx, dx_ref.to(dtype), dtype, msg=f"dx, {where}")
+
+
+def test_bad_arguments_raise_before_any_launch(monkeypatch):
+    from nvae_fast.kernels.cuda import common
+
+    def no_launch():
+        raise AssertionError("a kernel was launched with bad arguments")
+
+    # The checks are device-independent: CPU tensors stand in, and nothing may reach the extension.
+    monkeypatch.setattr(common, "require_cuda", lambda name, x: None)
+    monkeypatch.setattr(kernels, "ext", no_launch)
+    x = torch.randn(2, 4, 3, 3)
+    scale, shift = torch.ones(4), torch.zeros(4)
+    with pytest.raises(ValueError, match=r"out must match x in dtype and shape"):
+        kernels.bn_swish_forward(x, scale, shift, torch.empty(1, 4, 3, 3))
+    with pytest.raises(ValueError, match=r"out must match x in dtype and shape"):
+        kernels.bn_swish_forward(x, scale, shift, torch.empty_like(x, dtype=torch.float16))
+    with pytest.raises(ValueError, match=r"scale must have shape \(4,\)"):
+        kernels.bn_swish_forward(x, torch.ones(3), shift, torch.empty_like(x))
+    with pytest.raises(TypeError, match="shift must be a contiguous float32 tensor"):
+        kernels.bn_swish_forward(x, scale, shift.double(), torch.empty_like(x))
+    with pytest.raises(ValueError, match=r"coef_const must have shape \(4,\)"):
+        kernels.bn_swish_backward_apply(x, x, scale, shift, shift, shift, torch.zeros(8), torch.empty_like(x))
+    with pytest.raises(ValueError, match=r"dy must match x in dtype and shape"):
+        kernels.bn_swish_backward_reduce(x[:1], x, scale, shift, shift)

@@ -67,7 +67,7 @@ def _reference_gradients(fn, params, upstream):
 
 def _assert_grad_close(actual, expected, expected32, term_scale, dtype, what):
     """fp32: the largest error at most 4x PyTorch's own fp32 error plus 8 ulps of the largest value
-    (fast-math exp and division on the GPU), and every element within 1e-3 of its magnitude and
+    (the GPU math library rounds differently from libm), and every element within 1e-3 of its magnitude and
     its paths' (a formula error in any regime shows up). Half precision: within the dtype's
     tolerance plus 64 fp32 ulps of the paths' magnitude (fp32 math, one rounding at the end);
     values beyond the dtype's range must overflow to the same infinity as the reference."""

@@ -49,7 +49,7 @@ def bn_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def bn_swish_forward(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """out = swish(x * scale[c] + shift[c])."""
-    check_cuda_tensors("x", x, scale=scale, shift=shift)
+    check_cuda_tensors("x", x, scale=scale, shift=shift, out=out)
     x, cl = _dense(x)
     y = out if out.stride() == x.stride() else torch.empty_like(x)
     device, stream = launch_context(x)
@@ -82,7 +82,8 @@ def bn_swish_backward_apply(
     coef_xmu: torch.Tensor, coef_const: torch.Tensor, out: torch.Tensor,
 ) -> torch.Tensor:
     """out = scale * g + coef_xmu * (x - mean) + coef_const."""
-    check_cuda_tensors("x", x, dy=dy, scale=scale, shift=shift, mean=mean, coef_xmu=coef_xmu, coef_const=coef_const)
+    check_cuda_tensors("x", x, dy=dy, scale=scale, shift=shift, mean=mean, coef_xmu=coef_xmu, coef_const=coef_const,
+                       out=out)
     x, cl = _dense(x)
     dy = _like(dy, cl)
     dx = out if out.stride() == x.stride() else torch.empty_like(x)
