@@ -1,7 +1,9 @@
 // Deterministic per-channel reductions: kernels write one fp32 partial per (work unit, field,
 // channel) into a workspace laid out as ws[(p * fields + f) * C + c], and a finalize kernel merges
 // the partials of each (field, channel) in a fixed order. No atomics, so results are bitwise
-// reproducible on a given device and launch geometry.
+// reproducible on a given device and launch geometry. The geometry can depend on the pointers'
+// alignment (the vector width of the BN kernels), so an aligned tensor and an offset view of the
+// same values may differ in the last bits.
 #pragma once
 
 #include "common.cuh"
