@@ -232,12 +232,15 @@ def test_triton_nchw_input():
     _compare(got, expected, torch.float32, "nchw", scale=25)
 
 
-def _check_half_against_autocast(case, dtype):
+def _check_half_against_autocast(case, dtype, x_offset=0.0):
     """Half activations with fp32 statistics against the fp64 reference, within three times the
-    error of PyTorch's own eager cell under autocast (plus one tolerance unit of the dtype)."""
+    error of PyTorch's own eager cell under autocast (plus one tolerance unit of the dtype).
+    ``x_offset`` shifts x's mean far from zero relative to its spread (BN0 must then normalise
+    before the GEMM's half-precision rounding, as the eager cell does)."""
     N, Cin, Cout, E, k, H, W, upsample = case
     params, running = _params(Cin, Cout, E, k)
     x, skip, dout = _inputs(N, Cin, Cout, H, W, upsample)
+    x = x + x_offset
     x = x.to(dtype).double()   # inputs every run represents exactly
     skip = None if skip is None else skip.to(dtype).double()
     expected = _run("ref", x, skip, dout, params, running, upsample, True, torch.float64)
@@ -255,9 +258,22 @@ def _check_half_against_autocast(case, dtype):
         assert err <= 3 * eager_err + atol, f"{name}, {case} {dtype}: error {err:.3g}, eager's {eager_err:.3g}"
 
 
+@pytest.mark.parametrize("x_offset", [0.0, 15.0])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_triton_half_precision(dtype):
-    _check_half_against_autocast((2, 20, 10, 6, 5, 4, 4, True), dtype)
+def test_triton_half_precision(dtype, x_offset):
+    _check_half_against_autocast((2, 20, 10, 6, 5, 4, 4, True), dtype, x_offset)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fp32_math_is_not_rounded_by_autocast(backend):
+    """Autocast stays on inside custom ops; the op's own fp32 math (BN folds, SE MLP) must not
+    follow it, so an fp32 call gives the same numbers with autocast on or off."""
+    params, running = _params(20, 20, 6, 5)
+    x, skip, dout = _inputs(2, 20, 20, 4, 4, False)
+    plain = _run(backend, x, skip, dout, params, running, False, True, torch.float32)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        under = _run(backend, x, skip, dout, params, running, False, True, torch.float32)
+    _compare(under, plain, torch.float32, f"autocast, {backend}")
 
 
 @requires_cuda

@@ -60,7 +60,7 @@ def _launch_everything(dtype: torch.dtype, k: int, upsample: bool, stride2: bool
 
     x = act(Cin, H, W)
     bn_swish.bn_stats(x)
-    a, _, _ = gen_cell.conv1_forward(x, v(EC, Cin), v(EC), True)
+    a, _, _ = gen_cell.conv1_forward(x, v(Cin), v(Cin), v(EC, Cin), True)
     c, _, _ = dwconv_stage.dwconv_stage_forward(a, v(EC), v(EC), v(EC, 1, k, k), 1, upsample)
     e, *_ = gen_cell.conv2_forward(c, v(EC), v(EC), v(Cout, EC))
     gen_cell.output_forward(e, v(Cout), v(Cout), v(N, Cout), act(Cout, Ho, Wo))

@@ -16,7 +16,7 @@ Every BN has momentum 0.05 (the caller's) and eps 1e-5 and uses batch statistics
 
 Pipeline (``_forward`` / ``_backward`` below; each step is one kernel of the chosen backend):
 
-Forward: stats of x (BN0) -> GEMM1 with BN0 folded into W1, epilogue BN1 stats -> depthwise stage
+Forward: stats of x (BN0) -> GEMM1 with BN0 in its prologue, epilogue BN1 stats -> depthwise stage
 (nvae_fast/ops/dwconv_stage.py: BN1+Swish prologue with halo, BN2 stats epilogue) -> GEMM2 with
 BN2+Swish prologue, epilogue BN3 stats and per-(n, c) sums of e (SE pools BN3(e), affine in them)
 -> tiny SE MLP in torch -> output stage. With ``upsample`` GEMM1 and BN0/BN1 run at low resolution
@@ -42,9 +42,10 @@ Entry points: :func:`gen_cell` (functional, training and eval, optional process 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from types import ModuleType, SimpleNamespace
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +53,8 @@ from torch import Tensor
 
 from nvae_fast import backend, distributed
 from nvae_fast.ops import dwconv_stage
+
+_T = TypeVar("_T")
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _FLOAT_DTYPES = _KERNEL_DTYPES + (torch.float64,)
@@ -186,8 +189,8 @@ def _torch_bn_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     return _moments(_rows(x))
 
 
-def _torch_conv1_forward(x, weight, bias, stats=True):
-    a = _rows(x) @ weight.t() + bias
+def _torch_conv1_forward(x, scale, shift, weight, stats=True):
+    a = (_rows(x) * scale + shift) @ weight.t()
     mean, var = _moments(a) if stats else (None, None)
     return _unrows(a, x), mean, var
 
@@ -314,6 +317,17 @@ def _se_forward(p: GenCellParams, pool: Tensor) -> tuple[Tensor, Tensor | None]:
     return torch.sigmoid(torch.relu(hidden) @ p.se_fc2_weight.to(acc).t() + p.se_fc2_bias.to(acc)), hidden
 
 
+def _without_autocast(fn: Callable[..., _T]) -> Callable[..., _T]:
+    """Runs a pipeline function with autocast off on its first argument's device: autocast stays
+    on inside custom ops and would round the fp32 folds and SE MLP to half precision."""
+    @functools.wraps(fn)
+    def wrapper(first: Tensor, *args, **kwargs) -> _T:
+        with torch.autocast(first.device.type, enabled=False):
+            return fn(first, *args, **kwargs)
+    return wrapper
+
+
+@_without_autocast
 def _forward(x: Tensor, skip: Tensor | None, p: GenCellParams, eval_stats: list[Tensor], upsample: bool,
              training: bool, eps: float, sync: Sync) -> tuple[list[Tensor], tuple[int, int]]:
     """([out, a, c, e, stats, sum_e], (count at x's resolution, count at out's)), counts global.
@@ -332,7 +346,7 @@ def _forward(x: Tensor, skip: Tensor | None, p: GenCellParams, eval_stats: list[
         count_lo_g = count_lo
     s0, t0, _ = _fold(p.bn0_weight, p.bn0_bias, mean0, var0, eps)
     w1 = p.conv1_weight.reshape(dims.EC, dims.Cin).to(acc)
-    a, mean_a, var_a = k.conv1_forward(x, (w1 * s0).contiguous(), (w1 @ t0).contiguous(), training)
+    a, mean_a, var_a = k.conv1_forward(x, s0, t0, w1.contiguous(), training)
     if training:
         mean1, var1, _ = sync(mean_a, var_a, count_lo)
     s1, t1, _ = _fold(p.bn1_weight, p.bn1_bias, mean1, var1, eps)
@@ -362,6 +376,7 @@ def _bn_backward_coefs(scale: Tensor, invstd: Tensor, sum_g: Tensor, sum_gxmu: T
     return (-scale * invstd * invstd * sum_gxmu / count).contiguous(), (-scale * sum_g / count).contiguous()
 
 
+@_without_autocast
 def _backward(dout: Tensor, x: Tensor, a: Tensor, c: Tensor, e: Tensor, stats: Tensor, sum_e: Tensor,
               p: GenCellParams, upsample: bool, training: bool, eps: float, has_skip: bool, counts: tuple[int, int],
               all_reduce: AllReduce) -> tuple[Tensor, list[Tensor]]:

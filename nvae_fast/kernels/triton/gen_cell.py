@@ -8,7 +8,8 @@ writes fp32 partials merged in a fixed order afterwards: results are determinist
 
 Kernels:
 
-* ``_forward_gemm_kernel``   y = prologue(x) @ w^T (+ bias); Welford partials of y per row tile.
+* ``_forward_gemm_kernel``   y = prologue(x) @ w^T, prologue the previous BatchNorm (+ Swish) in
+  fp32 before the operand is cast for ``tl.dot``; Welford partials of y per row tile.
   Row tiles may be aligned to images (``seg_len = H*W``) so that the same partials also give the
   per-(n, channel) sums that squeeze-excitation pools.
 * ``_backward_data_kernel``  out = lincomb(x, y) @ w with an epilogue that is either the
@@ -80,14 +81,16 @@ def _lincomb_tile(x_ptr, y_ptr, p_ptr, q_ptr, ctr_ptr, r_ptr, rows, row_ok, ks, 
 
 @triton.jit
 def _forward_gemm_kernel(
-    x_ptr, w_ptr, bias_ptr, pscale_ptr, pshift_ptr, y_ptr, ws_ptr,
+    x_ptr, w_ptr, pscale_ptr, pshift_ptr, y_ptr, ws_ptr,
     sx_n, sx_c, sx_h, sx_w, sy_n, sy_c, sy_h, sy_w,
     K, NOUT, HW, W, seg_len, tiles_per_seg, num_slots,
-    PROLOGUE_SWISH: tl.constexpr, HAS_BIAS: tl.constexpr, STATS: tl.constexpr,
+    SWISH: tl.constexpr, STATS: tl.constexpr,
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """y[M, NOUT] = act(x * pscale + pshift) @ w^T (+ bias); w is (NOUT, K) row-major, fp32."""
+    """y[M, NOUT] = act(x * pscale + pshift) @ w^T, act = swish or identity; w is (NOUT, K)
+    row-major, fp32. The BatchNorm is applied to x in fp32, not folded into w: folded, the bias
+    w @ shift would cancel against x @ (w * scale) in the dot's precision when |mean| >> std."""
     pid_m = tl.program_id(0)
     seg = pid_m // tiles_per_seg
     local = (pid_m - seg * tiles_per_seg) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -100,13 +103,12 @@ def _forward_gemm_kernel(
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < K
         a = _load_tile(x_ptr, rows, row_ok, ks, k_ok, HW, W, sx_n, sx_c, sx_h, sx_w)
-        if PROLOGUE_SWISH:
-            a = swish(a * _vector(pscale_ptr, ks, k_ok) + _vector(pshift_ptr, ks, k_ok))
-            a = tl.where(row_ok[:, None] & k_ok[None, :], a, 0.0)
+        a = a * _vector(pscale_ptr, ks, k_ok) + _vector(pshift_ptr, ks, k_ok)
+        if SWISH:
+            a = swish(a)
+        a = tl.where(row_ok[:, None] & k_ok[None, :], a, 0.0)
         w = tl.load(w_ptr + cols[None, :] * K + ks[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         acc += tl.dot(a.to(DOT_DTYPE), w.to(DOT_DTYPE), input_precision=DOT_PRECISION)
-    if HAS_BIAS:
-        acc += _vector(bias_ptr, cols, col_ok)
     _store_tile(y_ptr, acc, rows, row_ok, cols, col_ok, HW, W, sy_n, sy_c, sy_h, sy_w)
     if STATS:
         count, mean, m2 = welford_tile(acc, row_ok[:, None] & col_ok[None, :])
@@ -268,7 +270,7 @@ def _channels_last(N: int, C: int, H: int, W: int, like: torch.Tensor) -> torch.
     return torch.empty((N, C, H, W), device=like.device, dtype=like.dtype, memory_format=torch.channels_last)
 
 
-def _forward_gemm(x, weight, bias, pscale, pshift, stats, per_image):
+def _forward_gemm(x, pscale, pshift, weight, swish, stats, per_image):
     """Launches _forward_gemm_kernel; returns (y, Welford workspace (3, slots, NOUT), tiles per image)."""
     N, K, H, W = x.shape
     NOUT = weight.shape[0]
@@ -283,21 +285,21 @@ def _forward_gemm(x, weight, bias, pscale, pshift, stats, per_image):
     slots = segments * tiles
     y = _channels_last(N, NOUT, H, W, x)
     ws = torch.empty((3, slots, NOUT), device=x.device, dtype=torch.float32)
-    dummy = weight
     _forward_gemm_kernel[(slots, triton.cdiv(NOUT, block_n))](
-        x, weight, dummy if bias is None else bias, dummy if pscale is None else pscale,
-        dummy if pshift is None else pshift, y, ws, *strides4(x), *strides4(y),
+        x, weight, pscale, pshift, y, ws, *strides4(x), *strides4(y),
         K, NOUT, HW, W, seg_len, tiles, slots,
-        PROLOGUE_SWISH=pscale is not None, HAS_BIAS=bias is not None, STATS=stats,
+        SWISH=swish, STATS=stats,
         DOT_DTYPE=dot_dtype(x), DOT_PRECISION=dot_precision(x), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
     )
     return y, ws, tiles
 
 
-def conv1_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, stats: bool = True):
-    """(a, mean_a, var_a): a = x @ weight^T + bias (weight (EC, Cin) fp32 with BN0 folded in), a
-    channels-last in x's dtype; fp32 batch statistics of a (None when ``stats`` is False)."""
-    a, ws, _ = _forward_gemm(x, weight, bias, None, None, stats, per_image=False)
+def conv1_forward(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, weight: torch.Tensor,
+                  stats: bool = True):
+    """(a, mean_a, var_a): a = (x * scale + shift) @ weight^T (BN0 as a per-channel affine, weight
+    (EC, Cin) fp32), a channels-last in x's dtype; fp32 batch statistics of a (None when ``stats``
+    is False)."""
+    a, ws, _ = _forward_gemm(x, scale, shift, weight, False, stats, per_image=False)
     mean, var = finalize_stats(ws) if stats else (None, None)
     return a, mean, var
 
@@ -305,7 +307,7 @@ def conv1_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, sta
 def conv2_forward(c: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, weight: torch.Tensor):
     """(e, mean_e, var_e, sum_e): e = swish(c * scale + shift) @ weight^T (weight (Cout, EC) fp32),
     channels-last in c's dtype; fp32 batch statistics of e and sum_e (N, Cout) = sum over H, W of e."""
-    e, ws, tiles = _forward_gemm(c, weight, None, scale, shift, True, per_image=True)
+    e, ws, tiles = _forward_gemm(c, scale, shift, weight, True, True, per_image=True)
     mean, var = finalize_stats(ws)
     N, Cout = e.shape[:2]
     sum_e = (ws[0] * ws[1]).view(N, tiles, Cout).sum(dim=1)   # count * mean of each tile
