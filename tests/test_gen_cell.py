@@ -445,3 +445,17 @@ def test_bad_inputs_raise_clear_errors():
         gen_cell(x.long(), p, r)
     with pytest.raises(ValueError, match="bn1_weight is on meta but x is on cpu"):
         gen_cell(x, p._replace(bn1_weight=torch.empty(12, device="meta")), r)
+
+
+@pytest.mark.parametrize("limit, stages", [(101_376, 2), (166_912, 3), (232_448, 3), (0, 3)])
+def test_gemm_pipelining_fits_the_gpu_shared_memory(monkeypatch, limit, stages):
+    """The fp32 weight-gradient GEMM (64 x (64 + 64) fp32 tiles, 32 KiB a stage) asks for about
+    120 KiB at three stages: too much for sm_86/sm_89 (99 KiB per block), fine on sm_80 and sm_90."""
+    from types import SimpleNamespace
+
+    from nvae_fast.kernels.triton.common import gemm_stages
+
+    props = SimpleNamespace(shared_memory_per_block_optin=limit)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    gpu_tensor = SimpleNamespace(is_cuda=True, device="cuda:0")
+    assert gemm_stages(gpu_tensor, 64 * (64 + 64) * 4) == stages

@@ -33,8 +33,8 @@ import triton.language as tl
 
 from nvae_fast.kernels.triton.bn_swish import bn_stats
 from nvae_fast.kernels.triton.common import (
-    dot_dtype, dot_precision, finalize_stats, finalize_sums, reduction_programs, row_offsets, store_welford, strides4,
-    swish, swish_grad, welford_tile,
+    dot_dtype, dot_precision, finalize_stats, finalize_sums, gemm_stages, reduction_programs, row_offsets,
+    store_welford, strides4, swish, swish_grad, welford_tile,
 )
 
 __all__ = [
@@ -407,7 +407,7 @@ def _weight_grad(x, y, coefs, z, zscale, zshift, swish_b):
         *strides4(x), *strides4(y), *strides4(z), M, K1, K2, HW, W, rows_per_prog,
         PER_SAMPLE=coefs.p.shape[0] > 1 or coefs.r.shape[0] > 1, B_SWISH=swish_b,
         DOT_DTYPE=dot_dtype(z), DOT_PRECISION=dot_precision(z), BLOCK_M=block_m, BLOCK_K1=block_k1,
-        BLOCK_K2=block_k2,
+        BLOCK_K2=block_k2, num_stages=gemm_stages(z, block_m * (block_k1 + block_k2) * z.element_size()),
     )
     return finalize_sums(ws).view(K1, K2), finalize_sums(wsum).view(K1)
 
