@@ -1,8 +1,9 @@
 """Compiles the Triton kernels of the fused cell, the depthwise stage and the KL for NVIDIA GPUs
 without one: the launchers run on CPU tensors with every kernel launch recorded instead of run,
 then each recorded specialisation goes through Triton's whole compiler (down to a cubin, with the
-ptxas Triton ships) for the given architectures. This catches what the interpreter cannot: code
-that does not compile for a GPU, and the bfloat16 ``tl.dot`` path the interpreter cannot run.
+ptxas Triton ships) for the given architectures, with the launch's num_warps and num_stages. This
+catches what the interpreter cannot: code that does not compile for a GPU, the bfloat16 ``tl.dot``
+path the interpreter cannot run, and shared memory beyond what a block may use.
 
     python tests/triton_aot.py 80 90      # exit status 1 if any kernel fails to compile
 
@@ -24,6 +25,9 @@ from nvae_fast.ops.gen_cell import LinComb
 
 _TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 _GPU = torch.device("cuda")
+# Shared memory a block may opt into (CUDA programming guide, compute capabilities table).
+_SHARED_LIMIT = {80: 166_912, 86: 101_376, 89: 101_376, 90: 232_448}
+_LAUNCH_OPTIONS = ("num_warps", "num_stages")
 
 
 def _record_launches() -> list[tuple[JITFunction, tuple, dict]]:
@@ -113,17 +117,22 @@ def main(archs: list[int]) -> int:
     specialisations = {}
     for fn, args, kwargs in launches:
         signature, constexprs = _signature(fn, args, kwargs)
-        key = (fn.__name__, tuple(signature.items()), tuple((k, str(v)) for k, v in constexprs.items()))
-        specialisations[key] = (fn, signature, constexprs)
+        options = {k: v for k, v in kwargs.items() if k in _LAUNCH_OPTIONS}
+        key = (fn.__name__, tuple(signature.items()), tuple((k, str(v)) for k, v in constexprs.items()),
+               tuple(options.items()))
+        specialisations[key] = (fn, signature, constexprs, options)
     failures = 0
     for arch in archs:
-        for fn, signature, constexprs in specialisations.values():
+        for fn, signature, constexprs, options in specialisations.values():
             try:
-                triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
-                               target=GPUTarget("cuda", arch, 32))
+                compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                                          target=GPUTarget("cuda", arch, 32), options=options)
+                shared, limit = compiled.metadata.shared, _SHARED_LIMIT.get(arch)
+                if limit is not None and shared > limit:
+                    raise RuntimeError(f"needs {shared} B of shared memory, sm_{arch} allows {limit} B per block")
             except Exception as err:  # report every failing kernel, then fail
                 failures += 1
-                print(f"sm_{arch} {fn.__name__} {constexprs}: {err}", file=sys.stderr)
+                print(f"sm_{arch} {fn.__name__} {constexprs} {options}: {err}", file=sys.stderr)
     print(f"{len(specialisations)} kernel specialisations, sm_{'/'.join(map(str, archs))}: {failures} failed")
     return 1 if failures else 0
 

@@ -188,6 +188,11 @@ def _backward_weight_kernel(
 # Launchers (the op layer has validated shapes, devices and dtypes)
 # ---------------------------------------------------------------------------------------------
 
+# Warps of the forward and input-gradient kernels: their 4096-element tiles keep K taps of
+# addresses live per element, and with 4 warps (32 elements a thread) ptxas spills kilobytes.
+TILE_WARPS = 8
+
+
 def _blocks(C: int, pixels: int, device: torch.device) -> tuple[int, int]:
     """(BLOCK_P, BLOCK_C) of a [pixels, channels] tile. On a GPU up to 64 channels and about 4096
     elements; the interpreter runs programs one after another, so there tiles are much larger."""
@@ -214,7 +219,7 @@ def dwconv_stage_forward(a: torch.Tensor, scale: torch.Tensor, shift: torch.Tens
     _forward_kernel[(N * tiles, triton.cdiv(C, block_c))](
         a, _weight_matrix(weight), scale, shift, c, ws, *strides4(a), *strides4(c),
         C, H * (2 if upsample else 1), W * (2 if upsample else 1), Ho, Wo, tiles, N * tiles,
-        K=k, STRIDE=stride, UPSAMPLE=upsample, BLOCK_P=block_p, BLOCK_C=block_c,
+        K=k, STRIDE=stride, UPSAMPLE=upsample, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=TILE_WARPS,
     )
     mean, var = finalize_stats(ws)
     return c, mean, var
@@ -236,7 +241,7 @@ def dwconv_stage_backward(dc: torch.Tensor, a: torch.Tensor, scale: torch.Tensor
     _backward_data_kernel[(N * tiles, c_blocks)](
         dc, a, w, scale, shift, mean_a, g, ws, *strides4(dc), *strides4(a), *strides4(g),
         C, H, W, Ho, Wo, tiles, N * tiles,
-        K=k, STRIDE=stride, UP=2 if upsample else 1, BLOCK_P=block_p, BLOCK_C=block_c,
+        K=k, STRIDE=stride, UP=2 if upsample else 1, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=TILE_WARPS,
     )
     sum_g, sum_gxmu = (s.clone() for s in finalize_sums(ws))   # separate tensors: outputs must not alias
 
