@@ -290,6 +290,7 @@ def _forward_gemm(x, pscale, pshift, weight, swish, stats, per_image):
         K, NOUT, HW, W, seg_len, tiles, slots,
         SWISH=swish, STATS=stats,
         DOT_DTYPE=dot_dtype(x), DOT_PRECISION=dot_precision(x), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        num_stages=gemm_stages(x, (block_m + block_n) * block_k * x.element_size()),
     )
     return y, ws, tiles
 
@@ -365,6 +366,7 @@ def _backward_data(x, y, coefs, weight, z, zscale, zshift, zmean, oscale, kx, kc
         PER_SAMPLE=coefs.p.shape[0] > 1 or coefs.r.shape[0] > 1, SWISH_GRAD=zscale is not None, APPLY=apply,
         HAS_RES=residual is not None, DOT_DTYPE=dot_dtype(z), DOT_PRECISION=dot_precision(z),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        num_stages=gemm_stages(z, (block_m + block_n) * block_k * z.element_size()),
     )
     return out if apply else ws
 
