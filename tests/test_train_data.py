@@ -1,7 +1,10 @@
 """Data formats read from small files the tests write, the epoch-keyed sampler, num_x_bits."""
 
 import io
+import os
 import pickle
+import struct
+import subprocess
 import tarfile
 
 import numpy as np
@@ -101,6 +104,100 @@ def test_cifar10_corrupt_batch(tmp_path):
     for name in _cifar_batches():
         (tmp_path / name).write_bytes(b"garbage")
     with pytest.raises(InputError, match="not a CIFAR-10 python batch"):
+        build_datasets("cifar", tmp_path, image_size=32, channels=3, seed=0)
+
+
+class _Python2Pickler(pickle._Pickler):
+    """Writes bytes as Python 2 str opcodes, as the official CIFAR-10 batches (made with Python 2's
+    cPickle) hold them, instead of Python 3's _codecs.encode calls at protocol 2."""
+
+    def save_bytes(self, obj):
+        if len(obj) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(obj)]) + obj)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", len(obj)) + obj)
+        self.memoize(obj)
+
+    dispatch = {**pickle._Pickler.dispatch, bytes: save_bytes}
+
+
+def _official_style(obj) -> bytes:
+    out = io.BytesIO()
+    _Python2Pickler(out, protocol=2).dump(obj)
+    # numpy 1 (what the official files name) spells the module numpy.core.
+    return out.getvalue().replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+
+
+@pytest.mark.parametrize("style", ["python2", "protocol2", "protocol4", "protocol5"])
+def test_cifar10_batches_of_every_pickle_protocol_load(tmp_path, style):
+    batches = _cifar_batches(n=3)
+    for name, data in batches.items():
+        batch = {b"batch_label": b"training batch 1 of 5", b"labels": [3, 1, 4], b"data": data,
+                 b"filenames": [b"a.png", b"b.png", b"c.png"]}
+        raw = _official_style(batch) if style == "python2" else pickle.dumps(batch, protocol=int(style[-1]))
+        (tmp_path / name).write_bytes(raw)
+    if style == "python2":
+        assert b"cnumpy.core.multiarray\n_reconstruct" in raw and b"_codecs" not in raw
+    train, test = build_datasets("cifar", tmp_path, image_size=32, channels=3, seed=0)
+    expected = torch.from_numpy(batches["test_batch"][2].reshape(3, 32, 32) / 255).float()
+    torch.testing.assert_close(test[2], expected)
+    assert len(train) == 15
+
+
+class _Payload:
+    """Pickles as a call of ``func(*args)``: what a malicious pickle does when it is loaded."""
+
+    def __init__(self, func, *args):
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return self.func, self.args
+
+
+def _payloads(marker):
+    return {
+        "os.system": _Payload(os.system, f"touch {marker}"),
+        "subprocess": _Payload(subprocess.Popen, ["touch", str(marker)]),
+        "open": _Payload(open, str(marker), "w"),
+        "exec": _Payload(exec, f"open({str(marker)!r}, 'w').close()"),
+        "numpy.load": _Payload(np.load, str(marker) + ".npy", None, True),
+    }
+
+
+@pytest.mark.parametrize("payload", ["os.system", "subprocess", "open", "exec", "numpy.load"])
+@pytest.mark.parametrize("layout", ["dir", "tar"])
+def test_cifar10_batch_that_would_run_code_is_refused_without_running_it(tmp_path, payload, layout):
+    marker = tmp_path / "pwned"
+    batches = {name: _pickled(data) for name, data in _cifar_batches().items()}
+    evil = {b"data": _cifar_batches()["data_batch_1"], b"labels": _payloads(marker)[payload]}
+    batches["data_batch_3"] = pickle.dumps(evil, protocol=2)
+    root = tmp_path / "c"
+    root.mkdir()
+    if layout == "tar":
+        root = root / "cifar-10-python.tar.gz"
+        with tarfile.open(root, "w:gz") as tar:
+            for name, raw in batches.items():
+                info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+                info.size = len(raw)
+                tar.addfile(info, io.BytesIO(raw))
+    else:
+        for name, raw in batches.items():
+            (root / name).write_bytes(raw)
+    with pytest.raises(InputError, match=r"data_batch_3: not a CIFAR-10 python batch \(it names .*refused without "
+                                         r"running it\)") as err:
+        build_datasets("cifar", root, image_size=32, channels=3, seed=0)
+    assert not marker.exists() and not list(tmp_path.glob("pwned*"))
+    assert "\n" not in str(err.value)
+
+
+def test_cifar10_batch_with_other_contents(tmp_path):
+    for name, data in _cifar_batches().items():
+        (tmp_path / name).write_bytes(pickle.dumps({b"data": data.astype(np.float32)}))
+    with pytest.raises(InputError, match="its 'data' is a float32 array, expected a uint8 array"):
+        build_datasets("cifar", tmp_path, image_size=32, channels=3, seed=0)
+    for name, data in _cifar_batches().items():
+        (tmp_path / name).write_bytes(pickle.dumps([data]))
+    with pytest.raises(InputError, match="a list, not a dict"):
         build_datasets("cifar", tmp_path, image_size=32, channels=3, seed=0)
 
 

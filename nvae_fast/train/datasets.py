@@ -179,12 +179,59 @@ _CIFAR_TRAIN = [f"data_batch_{i}" for i in range(1, 6)]
 _CIFAR_TEST = ["test_batch"]
 
 
+def _latin1_encode(text: str, encoding: str) -> bytes:
+    # Python 3 pickles bytes at protocol 2 as _codecs.encode(text, "latin1"); admit only that codec.
+    if encoding != "latin1" or not isinstance(text, str):
+        raise pickle.UnpicklingError(f"refused _codecs.encode with encoding {encoding!r}")
+    return text.encode("latin1")
+
+
+# The only callables a CIFAR-10 batch needs: numpy's array reconstruction (the official files are
+# Python 2 pickles naming numpy.core; numpy 2 names numpy._core) and, for batches re-pickled under
+# Python 3, bytes. The functions are numpy's own pickling helpers, taken from an array's reduction.
+_NP_RECONSTRUCT = np.zeros(1, np.uint8).__reduce__()[0]
+_NP_FROMBUFFER = np.zeros(1, np.uint8).__reduce_ex__(5)[0]
+_CIFAR_GLOBALS = {
+    **{(f"numpy.{core}.multiarray", "_reconstruct"): _NP_RECONSTRUCT for core in ("core", "_core")},
+    **{(f"numpy.{core}.numeric", "_frombuffer"): _NP_FROMBUFFER for core in ("core", "_core")},
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    ("_codecs", "encode"): _latin1_encode,
+}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles a CIFAR-10 python batch without running anything the file names.
+
+    A batch is a dict of bytes, lists of ints or bytes and one uint8 numpy array; pickle builds
+    objects by calling whatever functions the file names, so this unpickler resolves only numpy's
+    array constructors (``_CIFAR_GLOBALS``) and refuses every other name before calling it.
+    """
+
+    def find_class(self, module: str, name: str):
+        found = _CIFAR_GLOBALS.get((module, name))
+        if found is None:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which a CIFAR-10 batch never holds "
+                                         "(refused without running it)")
+        return found
+
+    def persistent_load(self, pid):
+        raise pickle.UnpicklingError("it holds a persistent reference, which a CIFAR-10 batch never holds")
+
+
 def _cifar_batch(raw: bytes, name: str) -> Tensor:
+    """uint8 (N, 3, 32, 32) from the bytes of one python batch, read by ``_CifarUnpickler``."""
     try:
-        batch = pickle.loads(raw, encoding="bytes")
-        data = np.asarray(batch[b"data"], dtype=np.uint8)
-    except Exception as e:  # pickle raises many types on a corrupt file
-        raise InputError(f"{name}: not a CIFAR-10 python batch ({type(e).__name__}: {e})") from e
+        batch = _CifarUnpickler(io.BytesIO(raw), encoding="bytes").load()
+    except Exception as e:  # a corrupt pickle raises anything from EOFError to MemoryError
+        reason = str(e).strip() or type(e).__name__
+        raise InputError(f"{name}: not a CIFAR-10 python batch ({reason})") from e
+    if not isinstance(batch, dict):
+        raise InputError(f"{name}: not a CIFAR-10 python batch (a {type(batch).__name__}, not a dict)")
+    data = batch.get(b"data", batch.get("data"))
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8:
+        kind = f"a {data.dtype} array" if isinstance(data, np.ndarray) else f"a {type(data).__name__}"
+        raise InputError(f"{name}: not a CIFAR-10 python batch (its 'data' is {kind}, expected a uint8 array)")
     if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
         raise InputError(f"{name}: expected CIFAR-10 rows of 3072 bytes, got an array of shape {data.shape}")
     return torch.from_numpy(data.reshape(-1, 3, 32, 32).copy())
@@ -194,8 +241,9 @@ def load_cifar10_images(root: str | os.PathLike) -> tuple[Tensor, Tensor]:
     """CIFAR-10 from its python pickle batches as uint8 (N, 3, 32, 32): (train, test).
 
     ``root`` is the ``cifar-10-batches-py`` directory, a directory that contains it, or the
-    ``cifar-10-python.tar.gz`` archive (directly or inside ``root``). The batches are pickles:
-    read only files you trust.
+    ``cifar-10-python.tar.gz`` archive (directly or inside ``root``). The batches are pickles,
+    read by an unpickler that admits nothing but the dict, bytes, lists and numpy array the format
+    holds, so a batch from anyone is safe to read.
     """
     root = Path(root)
     archive = root if root.is_file() else root / "cifar-10-python.tar.gz"
