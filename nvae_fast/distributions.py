@@ -162,7 +162,9 @@ def decoder_output(logits: Tensor, kind: str, num_mix: int = 10, num_bits: int =
     """The output distribution ``kind`` ('bernoulli', 'normal', 'logistic_mixture') of ``logits``
     for images of ``num_channels`` channels."""
     if kind == "bernoulli":
-        return Bernoulli(logits=logits)
+        # Unvalidated, like the other two: NaN logits of a diverging step must reach the trainer's
+        # NaN/Inf guard (which skips the step) instead of raising here.
+        return Bernoulli(logits=logits, validate_args=False)
     if kind == "normal":
         return NormalDecoder(logits, num_bits=num_bits)
     if kind == "logistic_mixture":

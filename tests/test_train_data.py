@@ -246,8 +246,41 @@ def test_image_folder_errors(tmp_path):
     (tmp_path / "bad" / "test").mkdir()
     (tmp_path / "bad" / "train" / "x.png").write_bytes(b"not a png")
     (tmp_path / "bad" / "test" / "y.png").write_bytes(b"not a png")
-    with pytest.raises(InputError, match="not a readable PNG/JPEG"):
+    with pytest.raises(InputError, match="not a readable image"):
         build_datasets("folder", tmp_path / "bad", image_size=8, channels=3, seed=0)
+
+
+@pytest.mark.parametrize("fmt, suffix", [("PNG", "png"), ("TIFF", "tif")])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_16_bit_images_are_scaled_not_clipped(tmp_path, fmt, suffix, channels):
+    from PIL import Image
+
+    levels = _rng().integers(0, 256, (2, 8, 8), dtype=np.uint16)
+    for split, img in zip(("train", "test"), levels):
+        (tmp_path / split).mkdir()
+        Image.fromarray(img * 257).save(tmp_path / split / f"a.{suffix}", format=fmt)  # 255 -> 65535
+    assert Image.open(tmp_path / "train" / f"a.{suffix}").mode.startswith("I;16")
+    _, test = build_datasets("folder", tmp_path, image_size=8, channels=channels, seed=0)
+    expected = torch.from_numpy(levels[1] / 255).float().expand(channels, 8, 8)
+    torch.testing.assert_close(test[0], expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("array, kind", [(np.full((8, 8), 0.5, np.float32), "32-bit float"),
+                                         (np.full((8, 8), 70000, np.int32), "32-bit integer")])
+def test_images_without_a_stated_range_are_refused(tmp_path, array, kind):
+    from PIL import Image
+
+    for split in ("train", "test"):
+        (tmp_path / split).mkdir()
+        Image.fromarray(array).save(tmp_path / split / "a.tif", format="TIFF")
+    with pytest.raises(InputError, match=f"a.tif: a {kind} image .*8- or 16-bit PNG"):
+        build_datasets("folder", tmp_path, image_size=8, channels=1, seed=0)
+
+
+def test_image_folder_that_is_a_file(tmp_path):
+    (tmp_path / "x.png").write_bytes(b"")
+    with pytest.raises(InputError, match="x.png is a file; the folder format reads a directory"):
+        build_datasets("folder", tmp_path / "x.png", image_size=8, channels=3, seed=0)
 
 
 # ----------------------------------------------------------------------------- LMDB

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from nvae_fast.compat.loading import load_error_reason, load_state_dict_checked
 from nvae_fast.config import NVAEConfig
 from nvae_fast.model import NVAE
 
@@ -36,7 +37,7 @@ def read_official_checkpoint(path: str | os.PathLike, map_location: torch.device
         with torch.serialization.safe_globals([argparse.Namespace]):
             checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        reason = load_error_reason(err)
         raise ValueError(f"{os.fspath(path)!r} cannot be read as an official NVAE checkpoint ({reason}); "
                          f"{_WHAT}, holding nothing but tensors, plain Python values and that Namespace") from err
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "args" not in checkpoint:
@@ -50,10 +51,12 @@ def read_official_checkpoint(path: str | os.PathLike, map_location: torch.device
 def load_official_checkpoint(path: str | os.PathLike, device: torch.device | str | None = None) -> NVAE:
     """The model of an official checkpoint: built from its ``args`` (options missing from older
     checkpoints take the official defaults), its ``state_dict`` loaded strictly, moved to ``device``
-    and put in eval mode (call ``.train()`` to continue training)."""
+    and put in eval mode (call ``.train()`` to continue training). Weights that do not fit the
+    model its ``args`` describe raise a ``ValueError`` naming the first missing or unexpected key
+    and the first shape mismatch."""
     checkpoint = read_official_checkpoint(path)
     model = NVAE(NVAEConfig.from_namespace(checkpoint["args"]))
-    model.load_state_dict(checkpoint["state_dict"], strict=True)
+    load_state_dict_checked(model, checkpoint["state_dict"], f"{os.fspath(path)!r}")
     if device is not None:
         model.to(device)
     return model.eval()

@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from nvae_fast.compat.loading import load_error_reason
 from nvae_fast.train.errors import InputError, MissingPathError
+from nvae_fast.train.outputs import write_atomic
 
 FORMAT = "nvae_fast.train/1"
 
@@ -51,19 +52,13 @@ def set_rng_states(states: dict[str, Any]) -> None:
 
 def save_atomic(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save(obj, path)`` that never leaves a partial file: it writes a temporary file in
-    the same directory, flushes it to disk and renames it over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    the same directory, flushes it to disk and renames it over ``path`` (``outputs.write_atomic``:
+    the file gets the permissions of any new file; temporaries of interrupted writes are removed)."""
+    write_atomic(path, lambda f: torch.save(obj, f))
+
+
+# What a file written by torch.save starts with: a zip archive, or a pickle (the legacy format).
+_TORCH_MAGIC = (b"PK\x03\x04", b"\x80")
 
 
 def load_file(path: str | os.PathLike, *, mmap: bool = False) -> Any:
@@ -72,11 +67,15 @@ def load_file(path: str | os.PathLike, *, mmap: bool = False) -> Any:
     path = Path(path)
     if not path.is_file():
         raise MissingPathError(f"{path}: checkpoint does not exist")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head.startswith(_TORCH_MAGIC):
+        raise InputError(f"{path}: not a readable checkpoint (not a file written by torch.save: "
+                         f"{'it is empty' if not head else 'neither a zip archive nor a pickle'})")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and head.startswith(b"PK"))
     except Exception as e:  # torch.load raises anything from IndexError to UnpicklingError on a corrupt file
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise InputError(f"{path}: not a readable checkpoint ({first})") from e
+        raise InputError(f"{path}: not a readable checkpoint ({load_error_reason(e)})") from e
 
 
 def load_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[str, Any]:

@@ -8,9 +8,11 @@ Formats (``--data_format``):
   not) in the data directory or its ``MNIST/raw``; padded to 32x32.
 * ``cifar``: CIFAR-10's python batches (``cifar-10-batches-py/data_batch_{1..5}``, ``test_batch``),
   the directory or the ``cifar-10-python.tar.gz`` archive; random horizontal flips in training.
-* ``folder``: PNG/JPEG files under ``train/`` and ``test/`` (or ``val/``, ``validation/``)
-  subdirectories, or, without them, all images with a fixed 90/10 split; centre-cropped to a
-  square and resized to the model's input size; random horizontal flips in training.
+* ``folder``: PNG, JPEG, BMP, TIFF or WebP files under ``train/`` and ``test/`` (or ``val/``,
+  ``validation/``) subdirectories, or, without them, all images with a fixed 90/10 split;
+  centre-cropped to a square and resized to the model's input size; random horizontal flips in
+  training. 16-bit images are scaled to 8 bits (65535 -> 255); float and 32-bit integer images,
+  whose range no file states, are refused.
 * ``lmdb``: the official layout, ``train.lmdb`` and ``validation.lmdb`` whose keys are
   ``b"0"``, ``b"1"``, ... and whose values are encoded images (PNG/JPEG) or raw RGB bytes of a
   square image; centre-cropped and resized like ``folder`` (CelebA 64 gets the official crop).
@@ -42,7 +44,7 @@ from torch.utils.data import Dataset
 from nvae_fast.train.errors import InputError, MissingPathError
 
 FORMATS = ("digits", "idx", "cifar", "folder", "lmdb")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 # CelebA 64: the official crop box (left, upper, right, lower) of the 178x218 aligned faces.
 _CELEBA64_BOX = (15, 40, 178 - 15, 218 - 30)
 _DIGITS_TEST = 300
@@ -270,11 +272,32 @@ def load_cifar10_images(root: str | os.PathLike) -> tuple[Tensor, Tensor]:
 
 # ----------------------------------------------------------------------------- PIL images
 
-def _to_model_image(img, size: int, channels: int, box: tuple[int, int, int, int] | None = None) -> Tensor:
-    """A PIL image as uint8 (channels, size, size): optional crop box, centre square, resize."""
+def _to_8_bit(img, name: str):
+    """``img`` with 8 bits per channel, its values scaled rather than clipped.
+
+    PIL opens 16-bit greyscale PNG/TIFF as mode ``I;16`` (values up to 65535), and its conversion
+    to ``L`` clips them at 255, which makes almost every pixel white; such images are scaled here.
+    (16-bit RGB PNGs open as 8-bit ``RGB`` already.) Float (``F``) and 32-bit integer (``I``)
+    images carry no range: refused.
+    """
     from PIL import Image
 
-    img = img.convert("RGB" if channels == 3 else "L")
+    if img.mode.startswith("I;16") or (img.mode == "I" and img.format == "PNG"):  # older PIL: 16-bit PNG as I
+        values = np.asarray(img).astype(np.float32)
+        return Image.fromarray(np.clip(np.round(values / 257.0), 0, 255).astype(np.uint8), mode="L")
+    if img.mode in ("F", "I"):
+        kind = "32-bit float" if img.mode == "F" else "32-bit integer"
+        raise InputError(f"{name}: a {kind} image (PIL mode {img.mode}), whose value range no file states; "
+                         "save the data as 8- or 16-bit PNG")
+    return img
+
+
+def _to_model_image(img, size: int, channels: int, box: tuple[int, int, int, int] | None = None,
+                    name: str = "image") -> Tensor:
+    """A PIL image as uint8 (channels, size, size): 8 bits, optional crop box, centre square, resize."""
+    from PIL import Image
+
+    img = _to_8_bit(img, name).convert("RGB" if channels == 3 else "L")
     if box is not None:
         img = img.crop(box)
     w, h = img.size
@@ -295,7 +318,7 @@ def _open_image(data: bytes | Path, name: str):
         img = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
         img.load()
     except (UnidentifiedImageError, OSError) as e:
-        raise InputError(f"{name}: not a readable PNG/JPEG image ({e})") from e
+        raise InputError(f"{name}: not a readable image ({e})") from e
     return img
 
 
@@ -306,6 +329,9 @@ def _list_images(folder: Path) -> list[Path]:
 def folder_splits(root: str | os.PathLike) -> tuple[list[Path], list[Path]]:
     """(train, test) image paths of an image folder (see the module docstring for the layout)."""
     root = Path(root)
+    if root.is_file():
+        raise InputError(f"{root} is a file; the folder format reads a directory of images (with train/ and test/, "
+                         "or all images split 90/10)")
     if not root.is_dir():
         raise MissingPathError(f"{root}: image folder does not exist")
     if (root / "train").is_dir():
@@ -332,7 +358,8 @@ class _FolderReader:
         self.paths, self.size, self.channels = paths, size, channels
 
     def __call__(self, i: int) -> Tensor:
-        return _to_model_image(_open_image(self.paths[i], str(self.paths[i])), self.size, self.channels)
+        name = str(self.paths[i])
+        return _to_model_image(_open_image(self.paths[i], name), self.size, self.channels, name=name)
 
 
 class _LMDBReader:
@@ -376,7 +403,7 @@ class _LMDBReader:
             if 3 * side * side != len(data):
                 raise InputError(f"{name}: {len(data)} bytes is neither a PNG/JPEG nor a square raw RGB image")
             img = Image.fromarray(np.frombuffer(data, np.uint8).reshape(side, side, 3), mode="RGB")
-        return _to_model_image(img, self.size, self.channels, self.box)
+        return _to_model_image(img, self.size, self.channels, self.box, name=name)
 
 
 def _lmdb_split(root: Path, name: str, size: int, channels: int, box) -> _LMDBReader:

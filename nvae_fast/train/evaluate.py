@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from nvae_fast.train import threads
 from nvae_fast.train.loaders import quantize
 from nvae_fast.distributions import reconstruction_loss
 from nvae_fast.train.losses import dims_per_sample, log_importance_weight
@@ -56,6 +57,7 @@ def evaluate(model: nn.Module, loader: DataLoader, rt: Runtime, num_iw_samples: 
     dims = None
     batches = monitor.progress(loader, total=len(loader), desc=desc) if monitor else loader
     for x in batches:
+        threads.adjust()
         x = quantize(x.to(rt.device, non_blocking=True), cfg.num_x_bits)
         dims = dims_per_sample(x, cfg.crop_output)
         nelbo, log_w = [], []

@@ -18,6 +18,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
+from nvae_fast.train.errors import InputError
+
 
 def quantize(x: Tensor, num_bits: int) -> Tensor:
     """The official num_x_bits pre-processing of images in [0, 1] (8 bits: unchanged).
@@ -68,10 +70,10 @@ def make_loader(dataset: Dataset, batch_size: int, *, train: bool, seed: int, ra
     ``batch_size`` is per rank.
     """
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise InputError(f"batch_size must be >= 1, got {batch_size}")
     sampler = EpochSampler(dataset, shuffle=train, seed=seed, rank=rank, world_size=world_size, drop_last=train)
     if train and len(sampler) < batch_size:
-        raise ValueError(f"the training split gives each of {world_size} rank(s) {len(sampler)} images, fewer "
+        raise InputError(f"the training split gives each of {world_size} rank(s) {len(sampler)} images, fewer "
                          f"than one batch of {batch_size}; lower --batch_size")
     # A generator of its own: creating an iterator draws the workers' base seed from it, which
     # must not consume the global RNG that the model's noise comes from (exact resumption).

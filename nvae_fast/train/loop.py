@@ -9,7 +9,6 @@ steps), ``log.txt``, TensorBoard event files, ``final_eval.json``, ``samples.png
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -18,18 +17,27 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from nvae_fast.compat.loading import first_non_finite
 from nvae_fast.train import checkpoint as ckpt_io
+from nvae_fast.train import threads
 from nvae_fast.train.datasets import build_datasets, detect_format
+from nvae_fast.train.errors import InputError, MissingPathError, TrainingDiverged
 from nvae_fast.train.evaluate import EvalResult, evaluate
 from nvae_fast.train.images import tile
 from nvae_fast.train.loaders import make_loader
 from nvae_fast.train.monitor import Monitor
+from nvae_fast.train.outputs import check_writable_dir, remove_stale_temporaries, write_json
 from nvae_fast.train.recipe import TrainConfig
 from nvae_fast.train.runtime import Runtime, all_reduce_mean, gather_objects
 from nvae_fast.train.sample import decoded_images, generate, write_samples
+from nvae_fast.train.schedules import WarmupCosineLR
 from nvae_fast.train.trainer import StepStats, Trainer
 
 CHECKPOINT_NAME = "checkpoint.pt"
+# Files that hold what a run produced: a new run never replaces them unless asked to (overwrite).
+RESULT_FILES = (CHECKPOINT_NAME, "final_eval.json", "checkpoint_official.pt", "model.safetensors")
+# Everything a run writes, removed before an overwriting run starts (with the TensorBoard events).
+RUN_FILES = (*RESULT_FILES, "samples.png", "samples.npz", "log.txt")
 
 
 @dataclass
@@ -69,13 +77,110 @@ def run_config(model_cfg, cfg: TrainConfig) -> dict:
     return {"model": dataclasses.asdict(model_cfg), "train": dataclasses.asdict(cfg)}
 
 
+def _check_finite(trainer: Trainer) -> None:
+    """Raises ``TrainingDiverged`` if the weights, the EMA or the optimizer state hold NaN/Inf
+    (a NaN the step's guard cannot see, say one that reached a BatchNorm's running statistics).
+    One device sync; every rank checks (their states are equal), so all stop together."""
+    tensors = {**{f"model {k}": v for k, v in trainer.model.state_dict().items()},
+               **{f"EMA {k}": v for k, v in (trainer.ema.state_dict() if trainer.ema is not None else {}).items()},
+               **{f"optimizer {k}": v for k, v in _optimizer_tensors(trainer.optimizer.state_dict()).items()}}
+    bad = first_non_finite(tensors)
+    if bad is not None:
+        raise TrainingDiverged(f"after step {trainer.step}, {bad[1]} tensor(s) hold NaN/Inf, the first {bad[0]}")
+
+
 def _save(trainer: Trainer, model_cfg, cfg: TrainConfig, run_dir: Path, rt: Runtime) -> None:
+    """Writes the checkpoint, unless the state holds NaN/Inf: then the last good checkpoint stays
+    and the run stops (``_check_finite``)."""
+    _check_finite(trainer)
     # Every rank's RNG state, so that every rank resumes exactly (a collective: all ranks call it).
     rngs = gather_objects(ckpt_io.rng_states(), rt)
     if rt.is_main:
         state = trainer.state_dict()
-        state.update(format=ckpt_io.FORMAT, config=run_config(model_cfg, cfg), rng=rngs)
+        state.update(format=ckpt_io.FORMAT, config=run_config(model_cfg, cfg), rng=rngs,
+                     steps_per_epoch=trainer.steps_per_epoch)
         ckpt_io.save_atomic(state, run_dir / CHECKPOINT_NAME)
+
+
+def _optimizer_tensors(optimizer_state: dict) -> dict[str, torch.Tensor]:
+    return {f"{i}.{k}": v for i, per_param in optimizer_state["state"].items() for k, v in per_param.items()
+            if isinstance(v, torch.Tensor)}
+
+
+def _checkpoint_step(path: Path) -> int | None:
+    """The global step of the checkpoint at ``path``, or None if there is no readable one."""
+    try:
+        return int(ckpt_io.load_file(path, mmap=True)["step"])
+    except (InputError, KeyError, TypeError, ValueError):
+        return None
+
+
+def _kept_checkpoint(run_dir: Path) -> str:
+    path = run_dir / CHECKPOINT_NAME
+    step = _checkpoint_step(path)
+    return "no checkpoint was written" if step is None else f"the last good checkpoint, {path} (step {step}), is kept"
+
+
+def check_run_dir(run_dir: str | Path, *, resume: bool, overwrite: bool) -> None:
+    """What ``run_training`` checks before any work: ``run_dir`` is (or can be created as) a
+    writable directory; a resumed run has its checkpoint there; a new run does not replace the
+    results of an earlier one unless ``overwrite``.
+
+    Raises:
+        InputError / MissingPathError: with one line naming ``--resume``, ``--save`` and
+            ``--overwrite`` where they are the way out.
+    """
+    run_dir = Path(run_dir)
+    if resume and overwrite:
+        raise InputError("--resume continues the run in the run directory, --overwrite replaces it: give one")
+    check_writable_dir(run_dir, "run directory")
+    if resume:
+        if not (run_dir / CHECKPOINT_NAME).is_file():
+            raise MissingPathError(f"{run_dir / CHECKPOINT_NAME}: checkpoint does not exist, nothing to --resume")
+        return
+    found = [name for name in RESULT_FILES if (run_dir / name).exists()]
+    if found and not overwrite:
+        what = found[0]
+        step = _checkpoint_step(run_dir / what) if what == CHECKPOINT_NAME else None
+        what += f" at step {step}" if step is not None else ""
+        raise InputError(f"{run_dir} holds an earlier run ({what}); continue it with --resume, or choose a new --save "
+                         "(--overwrite replaces it)")
+
+
+def _clear_run_dir(run_dir: Path) -> list[str]:
+    """Removes what an earlier run wrote in ``run_dir`` (``RUN_FILES``, TensorBoard events and
+    stale temporaries); returns the names removed."""
+    removed = [p for p in (run_dir / name for name in RUN_FILES) if p.is_file()]
+    removed += sorted(run_dir.glob("events.out.tfevents.*"))
+    for p in removed:
+        p.unlink()
+    for name in RESULT_FILES:
+        removed += remove_stale_temporaries(run_dir / name)
+    return [p.name for p in removed]
+
+
+def _apply_options(trainer: Trainer, cfg: TrainConfig, state: dict) -> list[str]:
+    """After loading a checkpoint: makes the optimizer and the learning-rate schedule follow
+    ``cfg`` (a resumed run continues as if it had been started with these options); returns the
+    options that differ from the checkpoint's, as ``--name old -> new``.
+
+    The schedules are functions of the global step and the options: the KL warm-up and the
+    spectral coefficient read ``cfg`` at every step, the optimizer's weight decay and the
+    learning-rate scheduler are rebuilt here at the checkpoint's step.
+    """
+    recorded = state["config"]["train"]
+    steps_per_epoch = state.get("steps_per_epoch", state["scheduler"].get("steps_per_epoch", trainer.steps_per_epoch))
+    if steps_per_epoch != trainer.steps_per_epoch:
+        raise InputError(f"the data gives {trainer.steps_per_epoch} steps per epoch of {cfg.batch_size} images, the "
+                         f"run being resumed had {steps_per_epoch}; resume it with the data it was trained on")
+    for group in trainer.optimizer.param_groups:
+        group["initial_lr"] = cfg.learning_rate
+        group["weight_decay"] = cfg.weight_decay
+    # Rebuilt at step - 1: building a scheduler takes one step, to the checkpoint's step.
+    trainer.scheduler = WarmupCosineLR(trainer.optimizer, trainer.steps_per_epoch, cfg.epochs, cfg.warmup_epochs,
+                                       cfg.learning_rate_min, last_epoch=trainer.step - 1)
+    now = dataclasses.asdict(cfg)
+    return [f"--{k} {recorded[k]} -> {now[k]}" for k in now if k in recorded and recorded[k] != now[k]]
 
 
 def _log_step(monitor: Monitor, trainer: Trainer, stats: StepStats, rt: Runtime) -> None:
@@ -122,24 +227,39 @@ def _should_evaluate(epoch: int, cfg: TrainConfig) -> bool:
 
 
 def run_training(model_cfg, cfg: TrainConfig, run_dir: str | Path, rt: Runtime, *, resume: bool = False,
-                 stop_after_step: int | None = None, export_official: bool = False,
+                 overwrite: bool = False, stop_after_step: int | None = None, export_official: bool = False,
                  export_safetensors: bool = False, tensorboard: bool = True) -> TrainResult:
     """Trains an ``NVAE(model_cfg)`` with ``cfg`` on ``rt``, writing into ``run_dir``.
 
     Args:
-        resume: continue from ``run_dir/checkpoint.pt`` (its model and training configuration).
+        resume: continue from ``run_dir/checkpoint.pt``: its model, its training state, and ``cfg``
+            from here on (the schedules follow ``cfg`` as if the run had started with it; the
+            caller makes ``cfg`` the checkpoint's options plus the changes wanted, see
+            ``nvae_fast.train.options``).
+        overwrite: start afresh in a ``run_dir`` that holds an earlier run, removing its files;
+            without it such a directory is refused (``check_run_dir``).
         stop_after_step: stop after this global step, with a checkpoint, as if interrupted; the
             schedules still follow ``cfg.epochs``, so ``resume`` continues the same run.
         export_official, export_safetensors: at the end, also write the weights in the official
             checkpoint format and as safetensors.
+    Raises:
+        InputError: bad data, run directory or checkpoint (before training where it can be known).
+        TrainingDiverged: ``cfg.max_bad_steps`` NaN/Inf steps in a row, or NaN/Inf weights at a
+            checkpoint (which is then not written: the last good one stays).
     """
     run_dir = Path(run_dir)
+    check_run_dir(run_dir, resume=resume, overwrite=overwrite)
+    # Writes nothing until the data and the model are built (a bad --data leaves no run directory).
     monitor = Monitor(run_dir, enabled=rt.is_main, tensorboard=tensorboard)
     result = TrainResult(run_dir=run_dir)
     try:
         state = None
         if resume:
             state = ckpt_io.load_checkpoint(run_dir / CHECKPOINT_NAME)
+            bad = first_non_finite(state["model"])
+            if bad is not None:
+                raise InputError(f"{run_dir / CHECKPOINT_NAME}: {bad[1]} tensor(s) of the model hold NaN/Inf, the "
+                                 f"first {bad[0]!r}; this checkpoint cannot be resumed")
         torch.manual_seed(cfg.seed)
         model = _build_model(model_cfg)
         fmt, train_loader, test_loader = _loaders(model_cfg, cfg, rt)
@@ -147,6 +267,10 @@ def run_training(model_cfg, cfg: TrainConfig, run_dir: str | Path, rt: Runtime, 
         trainer = Trainer(model, cfg, rt, steps_per_epoch)
         # Same initial weights on every rank (above); from here on each rank draws its own noise.
         torch.manual_seed(int(np.random.SeedSequence([cfg.seed, rt.rank, 1]).generate_state(1)[0]))
+        if overwrite and rt.is_main and run_dir.is_dir():
+            removed = _clear_run_dir(run_dir)
+            if removed:
+                monitor.info(f"--overwrite: removed the earlier run's {', '.join(removed)}")
         n_params = sum(p.numel() for p in model.parameters())
         monitor.info(f"run directory {run_dir}; {rt.world_size} process(es) on {rt.device}; "
                      f"data {fmt} ({len(train_loader.dataset)} train / {len(test_loader.dataset)} test images); "
@@ -154,10 +278,12 @@ def run_training(model_cfg, cfg: TrainConfig, run_dir: str | Path, rt: Runtime, 
                      f"amp {trainer.dtype or 'off'}")
         if state is not None:
             trainer.load_state_dict(state)
+            changed = _apply_options(trainer, cfg, state)
             rngs = state["rng"]
             ckpt_io.set_rng_states(rngs[rt.rank] if len(rngs) == rt.world_size else rngs[0])
             monitor.info(f"resumed from {run_dir / CHECKPOINT_NAME} at step {trainer.step} "
-                         f"(epoch {trainer.epoch}, step {trainer.epoch_step} of it)")
+                         f"(epoch {trainer.epoch}, step {trainer.epoch_step} of it)"
+                         + (f"; options changed: {', '.join(changed)}" if changed else ""))
         elif cfg.eval_untrained:
             result.untrained = _evaluate(trainer, test_loader, monitor, 1, "eval untrained")
             monitor.info(f"untrained model: test {result.untrained.summary()}")
@@ -172,6 +298,7 @@ def run_training(model_cfg, cfg: TrainConfig, run_dir: str | Path, rt: Runtime, 
             x = None
             bar = monitor.progress(train_loader, total=len(train_loader), desc=f"epoch {epoch + 1}/{cfg.epochs}")
             for x in bar:
+                threads.adjust()
                 stats = trainer.train_step(x)
                 global_loss = all_reduce_mean(stats.loss.float(), rt)
                 if stats.ok:
@@ -195,6 +322,7 @@ def run_training(model_cfg, cfg: TrainConfig, run_dir: str | Path, rt: Runtime, 
             epoch_done = trainer.epoch_step >= steps_per_epoch
             if epoch_done:
                 monitor.scalars({"train/nelbo": train_loss}, trainer.step)
+                _check_finite(trainer)  # before evaluating: NaN weights make the output distributions raise
                 if _should_evaluate(epoch, cfg):
                     valid = _evaluate(trainer, test_loader, monitor, 1, "eval")
                     line += f"  test NELBO {valid.nelbo:.3f} ({valid.bpd_elbo:.4f} bits/dim)"
@@ -218,7 +346,7 @@ def run_training(model_cfg, cfg: TrainConfig, run_dir: str | Path, rt: Runtime, 
             report = {"final": result.final.as_dict(), "step": trainer.step, "skipped_steps": result.skipped_steps}
             if result.untrained is not None:
                 report["untrained"] = result.untrained.as_dict()
-            (run_dir / "final_eval.json").write_text(json.dumps(report, indent=2) + "\n")
+            write_json(run_dir / "final_eval.json", report)
             with torch.random.fork_rng(devices=[rt.device] if rt.device.type == "cuda" else []):
                 images = generate(trainer.eval_model.eval(), cfg.num_samples, cfg.temp, amp=trainer.dtype)
             scale = max(1, 256 // (math.ceil(math.sqrt(cfg.num_samples)) * model_cfg.image_size))
@@ -227,6 +355,13 @@ def run_training(model_cfg, cfg: TrainConfig, run_dir: str | Path, rt: Runtime, 
             _export(trainer, model_cfg, cfg, run_dir, monitor, export_official, export_safetensors)
         result.finished = True
         return result
+    except TrainingDiverged as e:
+        diverged = TrainingDiverged(f"{e}; {_kept_checkpoint(run_dir)}")
+        monitor.error(diverged)
+        raise diverged from e
+    except BaseException as e:
+        monitor.error(e)
+        raise
     finally:
         monitor.close()
 

@@ -1,19 +1,23 @@
 """Command-line options of ``nvae-fast train``: the official ``train.py`` flags plus ours.
 
 Every flag defaults to "not given", so the configuration resolves as: official defaults, then the
-``--preset`` (model and training recipe), then the flags given on the command line.
+``--preset`` (model and training recipe), then the flags given on the command line. With
+``--resume`` it resolves as: the checkpoint's options, then the flags given (the model flags and
+``--preset`` must describe the checkpoint's model; ``--batch_size`` and ``--seed`` cannot change).
+Every value is checked (type, finiteness, range) here, before any work.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 from pathlib import Path
 from typing import Any
 
 from nvae_fast.train.datasets import FORMATS
-from nvae_fast.train.errors import InputError
+from nvae_fast.train.errors import InputError, MissingPathError
 from nvae_fast.train.recipe import AMP_MODES, TrainConfig, train_preset
 
 _S = argparse.SUPPRESS
@@ -21,7 +25,7 @@ _S = argparse.SUPPRESS
 # (flag, type, help) of the official options that shape the model (NVAEConfig fields).
 _MODEL_FLAGS: list[tuple[str, Any, str]] = [
     ("dataset", str, "dataset name (mnist, cifar10, celeba_64, imagenet_32, celeba_256, ffhq, ... or digits)"),
-    ("arch_instance", str, "cell architecture (default res_mbconv)"),
+    ("arch_instance", str, "cell architecture"),
     ("num_nf", int, "normalising-flow cells per latent group (0: none)"),
     ("num_x_bits", int, "bits per colour channel"),
     ("num_latent_scales", int, "number of latent scales"),
@@ -85,16 +89,34 @@ _LAUNCH_FLAGS = [("num_proc_node", int, "machines"), ("node_rank", int, "index o
                  ("local_rank", int, argparse.SUPPRESS), ("global_rank", int, argparse.SUPPRESS)]
 
 
-def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    from nvae_fast.config import PRESETS
+# Training options a resumed run keeps: they fix which images make up each step and which random
+# numbers it draws, so changing them would make a run that no single command could have started.
+_FIXED_ON_RESUME = ("batch_size", "seed")
 
-    p.add_argument("--preset", default=_S, help=f"model and training recipe: {', '.join(PRESETS)}")
+
+def _with_default(text: str, cls, name: str) -> str:
+    """``text`` plus the dataclass field's default, as --help shows it."""
+    default = {f.name: f.default for f in dataclasses.fields(cls)}[name]
+    if default is None or default is dataclasses.MISSING:
+        return text
+    return f"{text} (default: {default})"
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    from nvae_fast.config import PRESETS, NVAEConfig
+
+    p.add_argument("--preset", default=_S, help=f"model and training recipe: {', '.join(PRESETS)}; its values "
+                                                "replace the defaults shown, flags given replace both")
     run = p.add_argument_group("run")
     run.add_argument("--root", default=_S, help="directory of all runs (default: runs)")
     run.add_argument("--save", default=_S, help="run name: the run directory is ROOT/eval-SAVE, as in the "
                                                 "official code (default: the preset or dataset name)")
     run.add_argument("--resume", "--cont_training", dest="resume", action="store_true", default=_S,
-                     help="continue from the run directory's checkpoint.pt")
+                     help="continue from the run directory's checkpoint.pt with its options; training flags "
+                          "given apply from here on as if the run had started with them")
+    run.add_argument("--overwrite", action="store_true", default=_S,
+                     help="start afresh in a run directory that holds an earlier run, deleting its files "
+                          "(without it such a directory is refused)")
     run.add_argument("--stop_after_step", type=int, default=_S,
                      help="stop (with a checkpoint) after this global step; --resume continues")
     run.add_argument("--export_official", action="store_true", default=_S,
@@ -106,12 +128,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                      help="accepted for compatibility: Adamax always runs multi-tensor (foreach)")
     train = p.add_argument_group("training (official flags and additions)")
     for name, kind, text in _TRAIN_FLAGS:
-        train.add_argument(f"--{name}", type=kind, default=_S, help=text)
+        train.add_argument(f"--{name}", type=kind, default=_S, help=_with_default(text, TrainConfig, name))
     for name, text in _TRAIN_SWITCHES:
         train.add_argument(f"--{name}", action="store_true", default=_S, help=text)
     model = p.add_argument_group("model (official flags)")
     for name, kind, text in _MODEL_FLAGS:
-        model.add_argument(f"--{name}", type=kind, default=_S, help=text)
+        model.add_argument(f"--{name}", type=kind, default=_S, help=_with_default(text, NVAEConfig, name))
     for name, text in _MODEL_SWITCHES:
         model.add_argument(f"--{name}", action="store_true", default=_S, help=text)
     launch = p.add_argument_group("official launch flags (nvae-fast starts the processes through torchrun)")
@@ -127,6 +149,7 @@ class TrainRequest:
     train: TrainConfig
     run_dir: Path
     resume: bool
+    overwrite: bool
     stop_after_step: int | None
     export_official: bool
     export_safetensors: bool
@@ -152,29 +175,75 @@ def official_launch(args: argparse.Namespace) -> list[str] | None:
             "--master_port", os.environ.get("MASTER_PORT", "6020")]
 
 
-def _resumed_config(run_dir: Path, model_given: dict[str, Any], train_given: dict[str, Any]):
+def _option_error(err: Exception, fields: set[str]) -> InputError:
+    """A configuration's ValueError as an InputError naming the flag (``--name``)."""
+    message = str(err)
+    return InputError(f"--{message}" if message.split(" ", 1)[0] in fields else message)
+
+
+def _first_difference(a, b) -> str | None:
+    for f in dataclasses.fields(a):
+        if getattr(a, f.name) != getattr(b, f.name):
+            return f"{f.name} {getattr(a, f.name)} here, {getattr(b, f.name)} in the checkpoint"
+    return None
+
+
+def _resumed_config(run_dir: Path, preset: str | None, model_given: dict[str, Any], train_given: dict[str, Any],
+                    stop_after_step: int | None):
     """The configuration of the run being resumed: its checkpoint's, with the training flags given
-    now on top; model flags must agree with the checkpoint's model."""
+    now on top, checked against where the run is; model flags and ``--preset`` must describe the
+    checkpoint's model."""
     from nvae_fast.config import NVAEConfig
     from nvae_fast.train.checkpoint import load_checkpoint
     from nvae_fast.train.loop import CHECKPOINT_NAME
 
-    recorded = load_checkpoint(run_dir / CHECKPOINT_NAME, mmap=True)["config"]
+    path = run_dir / CHECKPOINT_NAME
+    if not path.is_file():
+        raise MissingPathError(f"{path}: checkpoint does not exist, nothing to --resume")
+    ckpt = load_checkpoint(path, mmap=True)
+    recorded = ckpt["config"]
     try:
         model = NVAEConfig(**recorded["model"])
-        train = TrainConfig(**{**recorded["train"], **train_given})
     except (ValueError, TypeError, KeyError) as e:
-        raise InputError(f"{run_dir / CHECKPOINT_NAME}: cannot resume with this configuration ({e})") from e
+        raise InputError(f"{path}: the checkpoint records no valid model ({e})") from e
+    if preset is not None:
+        try:
+            difference = _first_difference(NVAEConfig.preset(preset, **model_given), model)
+        except (ValueError, TypeError) as e:
+            raise InputError(str(e)) from e
+        if difference:
+            raise InputError(f"--resume: --preset {preset} describes another model than the run's ({difference}); "
+                             "drop --preset to continue the run, or choose a new --save")
     changed = [k for k, v in model_given.items() if getattr(model, k) != v]
     if changed:
         raise InputError(f"--resume: {', '.join('--' + k for k in changed)} differ from the checkpoint's model; "
                          "a run keeps its architecture")
+    kept = recorded["train"]
+    fixed = [k for k in _FIXED_ON_RESUME if k in train_given and train_given[k] != kept.get(k)]
+    if fixed:
+        raise InputError(f"--resume: {', '.join(f'--{k} {train_given[k]} (the run has {kept.get(k)})' for k in fixed)}; "
+                         "these fix the images of every step, so a run keeps them: start a new --save to change them")
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    try:
+        train = TrainConfig(**{**{k: v for k, v in kept.items() if k in train_fields}, **train_given})
+    except (ValueError, TypeError) as e:
+        raise _option_error(e, train_fields) from e
+    step = int(ckpt["step"])
+    steps_per_epoch = ckpt.get("steps_per_epoch") or ckpt["scheduler"].get("steps_per_epoch")
+    if steps_per_epoch and train.epochs * steps_per_epoch < step:
+        raise InputError(f"--epochs {train.epochs}: the run being resumed is at step {step} ({steps_per_epoch} steps "
+                         f"per epoch); give --epochs {math.ceil(step / steps_per_epoch)} or more")
+    if stop_after_step is not None and stop_after_step <= step:
+        raise InputError(f"--stop_after_step {stop_after_step}: the run being resumed is already at step {step}")
     return model, train
 
 
 def resolve_train(args: argparse.Namespace) -> TrainRequest:
-    """Official defaults < preset < given flags, for the model and the training options."""
+    """Official defaults < preset < given flags, for the model and the training options; with
+    ``--resume``, the checkpoint's options < given flags. Checks every value and the run
+    directory (see ``nvae_fast.train.loop.check_run_dir``) before returning."""
     from nvae_fast.config import PRESETS, NVAEConfig
+    from nvae_fast.train.loop import check_run_dir
 
     given = vars(args)
     model_fields = {f.name for f in dataclasses.fields(NVAEConfig)}
@@ -182,27 +251,31 @@ def resolve_train(args: argparse.Namespace) -> TrainRequest:
     model_given = {k: v for k, v in given.items() if k in model_fields}
     train_given = {k: v for k, v in given.items() if k in train_fields}
     preset = given.get("preset")
-    try:
-        if preset is not None:
-            if preset not in PRESETS:
-                raise InputError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-            base = NVAEConfig.preset(preset)
-            if "dataset" in model_given and model_given["dataset"] != base.dataset:
-                raise InputError(f"--dataset {model_given['dataset']} conflicts with --preset {preset} "
-                                 f"(dataset {base.dataset}); drop one of them")
-            model = NVAEConfig.preset(preset, **model_given)
-            train = TrainConfig(**{**train_preset(preset), **train_given})
-        else:
-            model = NVAEConfig(**model_given)
-            train = TrainConfig(**train_given)
-    except (ValueError, TypeError) as e:
-        raise InputError(str(e)) from e
-    root = Path(given.get("root", "runs"))
-    run_dir = root / f"eval-{given.get('save', preset or model.dataset)}"
-    if given.get("resume"):
-        model, train = _resumed_config(run_dir, model_given, train_given)
-    return TrainRequest(model=model, train=train, run_dir=run_dir, resume=bool(given.get("resume", False)),
-                        stop_after_step=given.get("stop_after_step"),
+    resume, overwrite = bool(given.get("resume", False)), bool(given.get("overwrite", False))
+    stop_after_step = given.get("stop_after_step")
+    if preset is not None and preset not in PRESETS:
+        raise InputError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    if stop_after_step is not None and stop_after_step < 1:
+        raise InputError(f"--stop_after_step must be >= 1, got {stop_after_step}")
+    if preset is not None and "dataset" in model_given and model_given["dataset"] != NVAEConfig.preset(preset).dataset:
+        raise InputError(f"--dataset {model_given['dataset']} conflicts with --preset {preset} "
+                         f"(dataset {NVAEConfig.preset(preset).dataset}); drop one of them")
+    name = given.get("save") or preset or model_given.get("dataset") or NVAEConfig().dataset
+    run_dir = Path(given.get("root", "runs")) / f"eval-{name}"
+    check_run_dir(run_dir, resume=resume, overwrite=overwrite)
+    if resume:
+        model, train = _resumed_config(run_dir, preset, model_given, train_given, stop_after_step)
+    else:
+        try:
+            model = NVAEConfig.preset(preset, **model_given) if preset is not None else NVAEConfig(**model_given)
+        except (ValueError, TypeError) as e:
+            raise InputError(str(e)) from e
+        try:
+            train = TrainConfig(**{**(train_preset(preset) if preset else {}), **train_given})
+        except (ValueError, TypeError) as e:
+            raise _option_error(e, train_fields) from e
+    return TrainRequest(model=model, train=train, run_dir=run_dir, resume=resume, overwrite=overwrite,
+                        stop_after_step=stop_after_step,
                         export_official=bool(given.get("export_official", False)),
                         export_safetensors=bool(given.get("export_safetensors", False)),
                         device=given.get("device"))

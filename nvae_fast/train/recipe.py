@@ -9,6 +9,7 @@ corresponding official README command (or a small recipe for the tiny and demo m
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,17 +70,27 @@ class TrainConfig:
     temp: float = 0.7
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.type in ("int", "float") and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ValueError(f"{f.name} must be a number, got {value!r}")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{f.name} must be a finite number, got {value}")
         positive = ("batch_size", "epochs", "max_bad_steps", "log_every", "num_iw_samples", "num_samples")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_epochs", "num_workers", "eval_every", "checkpoint_every"):
+        for name in ("warmup_epochs", "num_workers", "eval_every", "checkpoint_every", "learning_rate_min",
+                     "weight_decay", "weight_decay_norm", "weight_decay_norm_init"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("kl_anneal_portion", "kl_const_portion", "kl_const_coeff"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.warmup_epochs >= self.epochs and self.epochs > 1:
             raise ValueError(f"warmup_epochs ({self.warmup_epochs}) must be smaller than epochs ({self.epochs})")
-        if self.learning_rate <= 0 or self.learning_rate_min < 0:
-            raise ValueError("learning_rate must be > 0 and learning_rate_min >= 0")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.amp not in AMP_MODES:

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from torch.distributions import Bernoulli
 from tqdm import tqdm
 
+from nvae_fast.train import threads
 from nvae_fast.train.images import save_png, tile
 from nvae_fast.train.trainer import autocast
 
@@ -34,6 +35,7 @@ def generate(model: nn.Module, num_samples: int, temp: float, batch_size: int = 
     out = []
     for start in tqdm(range(0, num_samples, batch_size), desc="sample", disable=not progress, leave=False):
         n = min(batch_size, num_samples - start)
+        threads.adjust()
         with autocast(device, amp):
             logits = model.sample(n, temp)
         out.append(decoded_images(model.decoder_output(logits.float()), temp).float().cpu())

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from nvae_fast.compat.loading import StateDictMismatchError, first_non_finite, load_state_dict_checked
 from nvae_fast.train import checkpoint as ckpt_io
 from nvae_fast.train.errors import InputError, MissingPathError
 
@@ -34,36 +35,58 @@ def load_trained_model(path: str | os.PathLike, use_ema: bool = True) -> tuple[n
 
     ``info`` has ``kind`` ('nvae_fast', 'official' or 'safetensors'), ``train`` (the training
     options recorded, possibly empty) and ``ema`` (whether EMA weights were loaded).
-    Raises MissingPathError / InputError for a missing, unreadable or foreign file.
+    Raises MissingPathError / InputError for a missing, unreadable or foreign file, weights that do
+    not fit the model (naming the first missing or unexpected key and the first shape mismatch) and
+    weights holding NaN/Inf.
     """
-    from nvae_fast import NVAE, NVAEConfig
-
     path = Path(path)
     if not path.is_file():
         raise MissingPathError(f"{path}: checkpoint does not exist")
     if path.suffix == ".safetensors":
-        return _load_safetensors(path)
+        model, info = _load_safetensors(path)
+    else:
+        model, info = _load_checkpoint(path, use_ema)
+    return model.eval(), info
+
+
+def _load_weights(model: nn.Module, state: dict[str, Any], source: str) -> None:
+    """Loads ``state`` into ``model`` strictly; ``InputError`` for NaN/Inf or weights that do not fit."""
+    bad = first_non_finite(state)
+    if bad is not None:
+        raise InputError(f"{source}: {bad[1]} tensor(s) hold NaN/Inf, the first {bad[0]!r}; the run that wrote "
+                         "it had diverged")
+    try:
+        load_state_dict_checked(model, state, source)
+    except StateDictMismatchError as e:
+        raise InputError(str(e)) from e
+
+
+def _load_checkpoint(path: Path, use_ema: bool) -> tuple[nn.Module, dict[str, Any]]:
+    from nvae_fast import NVAE, NVAEConfig
+    from nvae_fast.compat.official import read_official_checkpoint
+
     try:
         raw = ckpt_io.load_file(path)
     except InputError as ours:
-        from nvae_fast.compat.official import load_official_checkpoint
-
         try:
-            model = load_official_checkpoint(path)
-        except Exception as official:  # a corrupt file can make torch.load raise anything
-            raise InputError(f"{path}: neither an nvae_fast nor an official NVAE checkpoint "
-                             f"({str(official).splitlines()[0]})") from ours
+            official = read_official_checkpoint(path)
+        except Exception as e:  # a corrupt file can make torch.load raise anything
+            raise InputError(f"{ours} (nor an official NVAE checkpoint)") from e
+        try:
+            model = NVAE(NVAEConfig.from_namespace(official["args"]))
+        except (TypeError, ValueError) as e:
+            raise InputError(f"{path}: the official checkpoint's args describe no valid model ({e})") from e
+        _load_weights(model, official["state_dict"], str(path))
         return model, {"kind": "official", "train": {}, "ema": False}
     if not isinstance(raw, dict) or raw.get("format") != ckpt_io.FORMAT:
         raise InputError(f"{path}: not an nvae_fast training checkpoint (expected format {ckpt_io.FORMAT!r})")
     try:
-        config = NVAEConfig(**raw["config"]["model"])
-        model = NVAE(config)
+        model = NVAE(NVAEConfig(**raw["config"]["model"]))
         state, ema = _model_state_of(raw, use_ema)
-        model.load_state_dict(state)
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+    except (KeyError, TypeError, ValueError) as e:
         raise InputError(f"{path}: checkpoint does not hold a consistent model ({str(e).splitlines()[0]})") from e
-    return model.eval(), {"kind": "nvae_fast", "train": raw["config"].get("train", {}), "ema": ema}
+    _load_weights(model, state, str(path) + (" (EMA weights)" if ema else ""))
+    return model, {"kind": "nvae_fast", "train": raw["config"].get("train", {}), "ema": ema}
 
 
 def export_safetensors(model: nn.Module, path: str | os.PathLike, config: dict[str, Any]) -> Path:
@@ -90,12 +113,16 @@ def _load_safetensors(path: Path) -> tuple[nn.Module, dict[str, Any]]:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
         state = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise InputError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from e
+    try:
         config = json.loads(meta["nvae_fast.config"])
         model = NVAE(NVAEConfig(**config["model"]))
-        model.load_state_dict(state)
-    except (SafetensorError, KeyError, json.JSONDecodeError, TypeError, ValueError, RuntimeError) as e:
-        raise InputError(f"{path}: not an nvae_fast safetensors export ({str(e).splitlines()[0]})") from e
-    return model.eval(), {"kind": "safetensors", "train": config.get("train", {}), "ema": False}
+    except (KeyError, json.JSONDecodeError, TypeError, ValueError) as e:
+        raise InputError(f"{path}: not an nvae_fast safetensors export: its metadata lacks a valid "
+                         f"'nvae_fast.config' ({type(e).__name__}: {str(e).splitlines()[0]})") from e
+    _load_weights(model, state, str(path))
+    return model, {"kind": "safetensors", "train": config.get("train", {}), "ema": False}
 
 
 def export_official(model: nn.Module, path: str | os.PathLike, train_config, *, epoch: int,
