@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -131,7 +132,9 @@ def _info(args: argparse.Namespace) -> int:
         requested, problem = None, e
     shown = f"invalid: {problem}" if problem else requested or "auto"
     print(f"  requested backend: {shown} (NVAE_FAST_BACKEND or nvae_fast.set_backend)")
-    print(f"  CPU threads: {torch.get_num_threads()} intra-op")
+    sizing = ("fixed by OMP_NUM_THREADS" if "OMP_NUM_THREADS" in os.environ else
+              "train, evaluate and sample use as many as other processes leave cores free")
+    print(f"  CPU threads: {torch.get_num_threads()} intra-op ({sizing})")
     if problem is not None:
         raise problem
     return 0

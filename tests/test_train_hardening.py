@@ -123,6 +123,9 @@ def _files(tmp: Path, run: Path) -> dict[str, Path]:
     files["evil official"] = tmp / "evil_official.pt"
     torch.save({"state_dict": model.state_dict(), "args": Payload()}, files["evil official"])
 
+    files["foreign official"] = tmp / "foreign_official.pt"  # a class torch's message prints in bold
+    torch.save({"state_dict": model.state_dict(), "args": Path("/x")}, files["foreign official"])
+
     ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
     bad = dict(ckpt, model=_state_with_problems(ckpt["model"]))
     files["mismatched checkpoint"] = tmp / "mismatched.pt"
@@ -221,6 +224,8 @@ def _cases(tmp: Path, data: Path, run: Path, files: dict[str, Path], small: Path
                               ("random.pt", "not a file written by torch.save")),
         "malicious official checkpoint": (["sample", "--checkpoint", files["evil official"]], {}, 2,
                                           ("pickled posix.system", "refused without running it")),
+        "official checkpoint holding another class": (["evaluate", "--checkpoint", files["foreign official"]], {}, 2,
+                                                      ("foreign_official.pt", "pickled pathlib", "refused")),
         "mismatched checkpoint": (["evaluate", "--checkpoint", files["mismatched checkpoint"]], {}, 2,
                                   ("mismatched.pt: the weights do not fit the model",)),
         "mismatched official checkpoint": (["sample", "--checkpoint", files["mismatched official"]], {}, 2,
@@ -241,7 +246,7 @@ CASES = ["rerun over a checkpoint", "resume and overwrite", "resume with another
          "batch larger than the data", "root is a file", "root cannot be written", "evaluate output under a file",
          "evaluate output is a directory", "sample output under a file", "backend bogus", "backend cuda on a cpu",
          "backend triton on a cpu", "info with a bogus backend", "data that is a file", "random checkpoint",
-         "malicious official checkpoint", "mismatched checkpoint", "mismatched official checkpoint",
+         "malicious official checkpoint", "official checkpoint holding another class", "mismatched checkpoint", "mismatched official checkpoint",
          "mismatched safetensors", "checkpoint with NaN"]
 
 
@@ -316,6 +321,13 @@ def test_resume_applies_changed_flags_to_the_whole_schedule(run, capsys):
     group = ckpt["optimizer"]["param_groups"][0]
     assert group["initial_lr"] == 0.005 and group["lr"] == reference.param_groups[0]["lr"]
     assert "options changed: --learning_rate 0.01 -> 0.005, --epochs 2 -> 3" in (run / "log.txt").read_text()
+    # The run's own --preset is accepted, and its recipe does not undo the options the run now has.
+    code, err, _ = _cli(["train", "--preset", "tiny_mnist", "--root", run.parent, "--save", "t", "--resume",
+                         "--stop_after_step", str(STOPPED_AT + 2)], capsys)
+    assert code == 0, err
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == STOPPED_AT + 2 and ckpt["config"]["train"]["epochs"] == 3
+    assert ckpt["optimizer"]["param_groups"][0]["initial_lr"] == 0.005
 
 
 # ----------------------------------------------------------------------------- nothing non-finite is kept
