@@ -98,6 +98,7 @@ class Counts:
     aten: Counter = field(default_factory=Counter)         # op name -> launches
     syncs: Counter = field(default_factory=Counter)        # reason -> count
     custom_ops: Counter = field(default_factory=Counter)   # nvae_fast custom op -> calls
+    inside: Counter = field(default_factory=Counter)       # outermost custom op -> launches inside it
 
     @property
     def launches(self) -> int:
@@ -114,7 +115,13 @@ class Counts:
             "aten_by_op": dict(self.aten.most_common()),
             "syncs_by_reason": dict(self.syncs.most_common()),
             "custom_ops": dict(self.custom_ops.most_common()),
+            "launches_inside_custom_ops": dict(self.inside.most_common()),
         }
+
+    def launch(self, kind: Counter, name: str, state: dict) -> None:
+        kind[name] += 1
+        if state["custom_op"] is not None:
+            self.inside[state["custom_op"]] += 1
 
 
 class _DispatchCounter(TorchDispatchMode):
@@ -131,9 +138,15 @@ class _DispatchCounter(TorchDispatchMode):
             opdef = _custom_op_definition(func)
             if opdef is not None:
                 # Follow the op's Python implementation so that its own launches are counted.
-                self.counts.custom_ops[f"{namespace}::{_op_name(func)}"] += 1
-                with self:
-                    return opdef._init_fn(*args, **kwargs)
+                name = f"{namespace}::{_op_name(func)}"
+                self.counts.custom_ops[name] += 1
+                outer = self.state["custom_op"]
+                self.state["custom_op"] = outer or name
+                try:
+                    with self:
+                        return opdef._init_fn(*args, **kwargs)
+                finally:
+                    self.state["custom_op"] = outer
         if self.host_tensors and _only_host_tensors(args, self.host_tensors):
             return func(*args, **kwargs)    # CPU work in a GPU run too: neither a launch nor a sync
         reason = _sync_reason(func, args, kwargs)
@@ -142,7 +155,8 @@ class _DispatchCounter(TorchDispatchMode):
         name = _op_name(func)
         if reason is None or name not in ("_local_scalar_dense", "is_nonzero", "equal", "allclose"):
             if not _is_view(func) and name not in NO_KERNEL_OPS:
-                self.counts.aten[name if namespace == "aten" else f"{namespace}::{name}"] += 1
+                self.counts.launch(self.counts.aten, name if namespace == "aten" else f"{namespace}::{name}",
+                                   self.state)
         return func(*args, **kwargs)
 
 
@@ -184,7 +198,7 @@ def _count_triton_launches(counts: Counts, state: dict) -> Iterator[None]:
         def counted_run(self, *args, **kwargs):
             if state["in_triton"] or kwargs.get("warmup"):
                 return run(self, *args, **kwargs)
-            counts.triton[getattr(self.fn, "__name__", repr(self.fn))] += 1
+            counts.launch(counts.triton, getattr(self.fn, "__name__", repr(self.fn)), state)
             state["in_triton"] = True
             try:
                 return run(self, *args, **kwargs)
@@ -209,7 +223,7 @@ def counting(host_tensors: Iterable[torch.Tensor] = ()) -> Iterator[Counts]:
     counters, say): reading them is neither a launch nor a synchronisation.
     """
     counts = Counts()
-    state = {"in_triton": False}
+    state = {"in_triton": False, "custom_op": None}
     host = {id(t) for t in host_tensors}
     with _count_triton_launches(counts, state), _HostReadCounter(counts, state), \
             _DispatchCounter(counts, state, host):

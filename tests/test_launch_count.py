@@ -109,3 +109,22 @@ def test_cli_rejects_unknown_workloads(launch_count, capsys):
         launch_count.main(["--workloads", "cell,bogus"])
     assert err.value.code == 2
     assert "bogus" in capsys.readouterr().err
+
+
+
+@torch.library.custom_op("launch_count_test::double_plus_one", mutates_args=())
+def _double_plus_one(x: torch.Tensor) -> torch.Tensor:
+    return x * 2 + 1
+
+
+def test_attributes_launches_to_the_outermost_custom_op(launch_count):
+    x = torch.randn(5)
+
+    def work():
+        torch.relu(x)
+        _double_plus_one(x)
+
+    counts = launch_count.count(work)
+    assert dict(counts.aten) == {"relu": 1, "mul": 1, "add": 1}
+    assert dict(counts.custom_ops) == {"launch_count_test::double_plus_one": 1}
+    assert dict(counts.inside) == {"launch_count_test::double_plus_one": 2}
