@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from nvae_fast.train.errors import InputError, TrainingDiverged
+from nvae_fast.train.errors import InputError, NonFiniteSamples, TrainingDiverged
 
 EXIT_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
 
@@ -127,6 +127,7 @@ def _evaluate(args: argparse.Namespace) -> int:
                                              seed=seed, dataset=cfg.dataset,
                                              binarize=cfg.output_distribution == "bernoulli")
         dataset = train_set if args.eval_on_train else test_set
+        _prepare_bn(args, model, args.bn_temp, write_cache=rt.is_main, log=print if rt.is_main else lambda _: None)
         batch_size = args.batch_size or trained.get("batch_size", 64)
         loader = make_loader(dataset, batch_size, train=False, seed=seed, rank=rt.rank, world_size=rt.world_size,
                              num_workers=args.num_workers, pin_memory=rt.device.type == "cuda")
@@ -148,7 +149,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def _sample(args: argparse.Namespace) -> int:
     from nvae_fast.train.runtime import init_runtime
-    from nvae_fast.train.sample import generate, write_samples
+    from nvae_fast.train.sample import generate, nonfinite_message, write_samples
     from nvae_fast.train.trainer import amp_dtype
 
     rt = init_runtime(args.device)
@@ -156,17 +157,42 @@ def _sample(args: argparse.Namespace) -> int:
         raise InputError("sample runs in one process; launch it without torchrun")
     model, _ = _load(args, rt)
     torch.manual_seed(args.seed)
-    if args.readjust_bn:
-        print(f"re-estimating BatchNorm statistics on {args.readjust_bn_iters} sample batches at t={args.temp}")
-        model.readjust_bn(num_samples=args.batch_size, t=args.temp, iterations=args.readjust_bn_iters)
+    _prepare_bn(args, model, args.temp)
     images = generate(model, args.num_samples, args.temp, args.batch_size, amp_dtype(args.amp, rt.device),
                       progress=True)
+    if len(images) == 0:
+        raise NonFiniteSamples(nonfinite_message(args.num_samples, args.num_samples, args.temp) + "; nothing written")
+    if len(images) < args.num_samples:
+        print(f"nvae-fast sample: warning: {nonfinite_message(args.num_samples - len(images), args.num_samples, args.temp)}"
+              "; they are left out of the files", file=sys.stderr)
     out = Path(args.output)
     scale = max(1, 256 // (int(args.num_samples ** 0.5 + 0.999) * model.config.image_size))
     png, npz = write_samples(images, out.parent if out.suffix else out,
                              name=out.stem if out.suffix else "samples", scale=scale)
-    print(f"{args.num_samples} samples at t={args.temp}: {png} and {npz}")
+    print(f"{len(images)} samples at t={args.temp}: {png} and {npz}")
     return 0
+
+
+def _prepare_bn(args: argparse.Namespace, model, temperature: float | None, write_cache: bool = True, log=print):
+    """The BatchNorm statistics a command samples or evaluates with (see nvae_fast.train.bn_stats)."""
+    from nvae_fast.train.bn_stats import prepare_bn
+
+    stats = prepare_bn(model, args.checkpoint, temperature, readjust=args.readjust_bn,
+                       iterations=args.readjust_bn_iters, batch_size=args.readjust_bn_batch,
+                       use_cache=not args.no_bn_cache, write_cache=write_cache, log=log)
+    log(f"using {stats.describe()}")
+    return stats
+
+
+def _add_bn_args(p: argparse.ArgumentParser, temp_flag: str) -> None:
+    p.add_argument("--readjust_bn", action="store_true",
+                   help=f"re-estimate the BatchNorm statistics on samples at {temp_flag} (fp32) and save them beside "
+                        "the checkpoint (<stem>.bn_stats.safetensors); without it, statistics saved there for this "
+                        f"{temp_flag} are reused, else the checkpoint's are used")
+    p.add_argument("--readjust_bn_iters", type=positive_int, default=500, help="sampling passes of --readjust_bn")
+    p.add_argument("--readjust_bn_batch", type=positive_int, default=16, help="samples per pass of --readjust_bn")
+    p.add_argument("--no_bn_cache", action="store_true",
+                   help="neither reuse nor save re-estimated BatchNorm statistics")
 
 
 def _add_load_args(p: argparse.ArgumentParser) -> None:
@@ -203,6 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--eval_on_train", action="store_true", help="evaluate on the training split")
     ev.add_argument("--num_workers", type=int, default=1, help="data-loader workers")
     ev.add_argument("--output", default=None, help="also write the results as JSON to this file")
+    ev.add_argument("--temp", dest="bn_temp", type=positive_float, default=None,
+                    help="evaluate with the BatchNorm statistics re-estimated at this temperature (cached, or "
+                         "computed with --readjust_bn); default: the checkpoint's")
+    _add_bn_args(ev, "--temp")
     ev.set_defaults(func=_evaluate)
 
     sa = sub.add_parser("sample", help="draw images from a checkpoint: a PNG grid and an .npz")
@@ -210,9 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--num_samples", type=positive_int, default=64, help="number of images")
     sa.add_argument("--temp", type=positive_float, default=0.7, help="temperature of the prior")
     sa.add_argument("--batch_size", type=positive_int, default=64, help="images per forward pass")
-    sa.add_argument("--readjust_bn", action="store_true",
-                    help="re-estimate BatchNorm statistics on samples at this temperature first")
-    sa.add_argument("--readjust_bn_iters", type=positive_int, default=500, help="sampling passes of --readjust_bn")
+    _add_bn_args(sa, "--temp")
     sa.add_argument("--output", default="samples",
                     help="directory for samples.png and samples.npz, or a file name whose stem names both "
                          "(default: ./samples)")
@@ -230,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return EXIT_INPUT
-    except TrainingDiverged as e:
+    except (TrainingDiverged, NonFiniteSamples) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return EXIT_DIVERGED
     except KeyboardInterrupt:

@@ -19,7 +19,7 @@ that state (``enc_tower`` combiners, ``enc_sampler``), optionally followed by ``
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -517,19 +517,43 @@ class NVAE(nn.Module):
         return set(indices)
 
     @torch.no_grad()
-    def readjust_bn(self, num_samples: int = 16, t: float = 1.0, iterations: int = 500) -> None:
+    def readjust_bn(self, num_samples: int = 16, t: float = 1.0, iterations: int = 500,
+                    progress: Callable[[Iterable[int]], Iterable[int]] | None = None) -> None:
         """Re-estimate every BatchNorm's running statistics on samples at temperature ``t``.
 
         The official ``--readjust_bn``: runs ``iterations`` prior samples of ``num_samples`` in
         training mode (each updates the running statistics with momentum 0.05; across ranks when
         torch.distributed runs), then leaves the model in eval mode, ready to sample.
+
+        Always in fp32, whatever the model's dtype or an enclosing ``torch.autocast``: the
+        official code re-estimates under fp16 autocast, where activations beyond the fp16 range
+        turn the running statistics into Inf/NaN and every later sample into NaN images. A float16
+        or bfloat16 model is cast to fp32 for the passes and back after them (its weights round-trip
+        exactly); statistics that do not fit the model's dtype raise a ``ValueError``.
+
+        ``progress`` wraps the iteration range (e.g. ``tqdm``) to report the passes.
         """
         if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
             raise ValueError(f"iterations must be a positive integer, got {iterations!r}")
-        self.train()
-        for _ in range(iterations):
-            self.sample(num_samples, t)
-        self.eval()
+        dtype = self.prior_ftr0.dtype
+        passes = range(iterations) if progress is None else progress(range(iterations))
+        with torch.autocast(self.prior_ftr0.device.type, enabled=False):
+            if dtype in (torch.float16, torch.bfloat16):
+                self.float()
+            try:
+                self.train()
+                for _ in passes:
+                    self.sample(num_samples, t)
+            finally:
+                self.to(dtype)
+                self.eval()
+        overflow = [name for name, bn in self.named_modules() if isinstance(bn, _BatchNorm)
+                    and not (torch.isfinite(bn.running_mean).all() and torch.isfinite(bn.running_var).all())]
+        if overflow:
+            hint = ("they do not fit its dtype: keep the model in float32 and sample under torch.autocast"
+                    if dtype in (torch.float16, torch.bfloat16) else "the samples themselves are not finite")
+            raise ValueError(f"the BatchNorm statistics re-estimated at t={t} are not finite in {len(overflow)} "
+                             f"layers (first: {overflow[0]}) of this {dtype} model; {hint}")
 
     # -----------------------------------------------------------------------------------------
     # Regularisers
