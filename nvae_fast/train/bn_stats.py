@@ -155,9 +155,11 @@ def prepare_bn(model: nn.Module, checkpoint: str | os.PathLike, temperature: flo
     if temperature is None or not (readjust or use_cache):
         return BNStats("checkpoint")
     path = cache_path(checkpoint)
-    fingerprint = weights_fingerprint(model)
     if not readjust:
-        return load_cached(model, path, temperature, fingerprint) or BNStats("checkpoint")
+        if not path.is_file():
+            return BNStats("checkpoint")
+        return load_cached(model, path, temperature, weights_fingerprint(model)) or BNStats("checkpoint")
+    fingerprint = weights_fingerprint(model)
     bar = (lambda it: tqdm(it, desc=f"re-estimating BatchNorm statistics at t={temperature:g}", leave=False)) \
         if progress else None
     try:
