@@ -299,11 +299,14 @@ class NVAE(nn.Module):
     def sample(self, num_samples: int, t: float = 1.0) -> Tensor:
         """Logits of ``num_samples`` images drawn from the prior at temperature ``t`` (which
         scales every prior's standard deviation), on the model's device and in its dtype (autocast
-        applies as usual). Decode them with :meth:`decoder_output`."""
+        applies as usual). Decode them with :meth:`decoder_output`.
+
+        ``t = 0`` decodes the prior means (each group's mean given the groups above it), as the
+        official model does; it draws the same noise as any other temperature, multiplied by 0."""
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
-        if not t > 0:
-            raise ValueError(f"t (temperature) must be positive, got {t}")
+        if not 0 <= t < float("inf"):
+            raise ValueError(f"t (temperature) must be a finite number >= 0, got {t}")
         param = self.prior_ftr0
         z0 = normal_sample(None, None, torch.randn(num_samples, *self.z0_size, device=param.device,
                                                    dtype=param.dtype), t)
@@ -356,7 +359,8 @@ class NVAE(nn.Module):
         """Sum of the largest singular values of all convolution weights (as matrices C_out x rest).
 
         Power iteration, batched over the weights of one shape: 4 iterations per call, 40 on the
-        first call for a shape; the singular vectors persist between calls on the weights' device
+        first call for a shape, which draws the start vectors from the CPU random generator (as
+        the official model); the singular vectors persist between calls on the weights' device
         (not in the state_dict). Differentiable in the weights (the vectors are constants).
         """
         by_shape: dict[torch.Size, list[Tensor]] = {}
@@ -397,10 +401,11 @@ class NVAE(nn.Module):
         num, rows, cols = weights.shape
         u, v = self._sr_u.get(shape), self._sr_v.get(shape)
         if u is None or u.shape[0] != num:
-            u = F.normalize(torch.randn(num, rows, device=weights.device, dtype=weights.dtype), dim=1,
-                            eps=POWER_ITER_EPS)
-            v = F.normalize(torch.randn(num, cols, device=weights.device, dtype=weights.dtype), dim=1,
-                            eps=POWER_ITER_EPS)
+            # As the official model: standard-normal float32 draws from the CPU generator (u, then
+            # v, shape by shape in module order), whatever the weights' device, so that a seed
+            # gives the same vectors on any device.
+            u = F.normalize(torch.randn(num, rows).to(weights), dim=1, eps=POWER_ITER_EPS)
+            v = F.normalize(torch.randn(num, cols).to(weights), dim=1, eps=POWER_ITER_EPS)
             return u, v, 10 * NUM_POWER_ITER
         return u.to(weights), v.to(weights), NUM_POWER_ITER
 
