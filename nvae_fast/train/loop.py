@@ -259,7 +259,8 @@ def run_training(model_cfg, cfg: TrainConfig, run_dir: str | Path, rt: Runtime, 
                 report["untrained"] = result.untrained.as_dict()
             (run_dir / "final_eval.json").write_text(json.dumps(report, indent=2) + "\n")
             with torch.random.fork_rng(devices=[rt.device] if rt.device.type == "cuda" else []):
-                images = generate(trainer.eval_model.eval(), cfg.num_samples, cfg.temp, amp=trainer.dtype)
+                images = generate(trainer.eval_model.eval(), cfg.num_samples, cfg.temp, amp=trainer.dtype,
+                                  decoder_temp=1.0)
             scale = max(1, 256 // (math.ceil(math.sqrt(cfg.num_samples)) * model_cfg.image_size))
             paths = write_samples(images, run_dir, scale=scale)
             monitor.info(f"samples (t={cfg.temp}): {paths[0]} and {paths[1]}")
@@ -277,7 +278,9 @@ def _export(trainer: Trainer, model_cfg, cfg: TrainConfig, run_dir: Path, monito
     model = trainer.eval_model
     if official:
         path = export_official(model, run_dir / "checkpoint_official.pt", cfg, epoch=trainer.epoch + 1,
-                               global_step=trainer.step)
+                               global_step=trainer.step, steps_per_epoch=trainer.steps_per_epoch,
+                               optimizer_state=trainer.optimizer.state_dict(),
+                               scaler_state=trainer.scaler.state_dict(), run_dir=run_dir)
         monitor.info(f"official checkpoint: {path}")
     if safetensors:
         path = export_safetensors(model, run_dir / "model.safetensors", run_config(model_cfg, cfg))

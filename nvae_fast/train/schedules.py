@@ -15,6 +15,8 @@ Every value depends only on the global step, so a resumed run sees exactly the s
 from __future__ import annotations
 
 import math
+import warnings
+from typing import Any
 
 import torch
 from torch.optim.lr_scheduler import LRScheduler
@@ -88,6 +90,26 @@ def learning_rate(step: int, steps_per_epoch: int, epochs: int, warmup_epochs: i
         value = ((1 + math.cos(math.pi * k / t_max)) / (1 + math.cos(math.pi * (k - 1) / t_max))
                  * (value - lr_min) + lr_min)
     return value
+
+
+def official_scheduler_state(steps_per_epoch: int, epochs: int, warmup_epochs: int, lr: float, lr_min: float,
+                             epochs_done: int) -> tuple[dict[str, Any], float]:
+    """What the official ``train.py`` holds after ``epochs_done`` epochs: the state_dict of its
+    ``CosineAnnealingLR`` (stepped at the start of every epoch after ``warmup_epochs``) and the
+    learning rate its optimizer then has (the official sequence of ``learning_rate``). A checkpoint
+    carrying them continues with ``train.py --cont_training`` as the official run would."""
+    opt = torch.optim.Adamax([torch.nn.Parameter(torch.zeros(0))], lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, float(epochs - warmup_epochs - 1), eta_min=lr_min)
+    warmup_steps = steps_per_epoch * warmup_epochs
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
+        for epoch in range(epochs_done):
+            if epoch > warmup_epochs:
+                sched.step()
+            last = (epoch + 1) * steps_per_epoch - 1
+            if last < warmup_steps:  # the warm-up writes its value into the optimizer
+                opt.param_groups[0]["lr"] = learning_rate(last, steps_per_epoch, epochs, warmup_epochs, lr, lr_min)
+    return sched.state_dict(), opt.param_groups[0]["lr"]
 
 
 class WarmupCosineLR(LRScheduler):
