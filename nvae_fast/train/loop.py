@@ -114,6 +114,21 @@ def _draw_loader_seed() -> None:
     torch.empty((), dtype=torch.int64).random_()
 
 
+OFFICIAL_RECONSTRUCTION_EVERY = 1000
+
+
+def _draw_reconstruction_noise(trainer: Trainer, batch_size: int) -> None:
+    # Every 1000 steps the official train.py samples the step's output distribution for a
+    # TensorBoard reconstruction (a Bernoulli output shows its mean: nothing drawn). nvae_fast logs
+    # reconstructions at evaluations instead; it draws the same numbers here, from an output
+    # distribution of the same shape, so that the random stream stays the official one.
+    c = trainer.model.config
+    if c.output_distribution == "bernoulli":
+        return
+    logits = torch.zeros(batch_size, c.output_channels, c.image_size, c.image_size, device=trainer.rt.device)
+    trainer.model.decoder_output(logits).sample()
+
+
 def _sample_grids(monitor: Monitor, trainer: Trainer, step: int) -> None:
     """16 prior samples at each of ``GRID_TEMPERATURES``, decoded at that temperature (on every
     rank, as the official code, so that every rank consumes the same random numbers)."""
@@ -204,6 +219,8 @@ def run_training(model_cfg, cfg: TrainConfig, run_dir: str | Path, rt: Runtime, 
             bar = monitor.progress(train_loader, total=len(train_loader), desc=f"epoch {epoch + 1}/{cfg.epochs}")
             for x in bar:
                 stats = trainer.train_step(x)
+                if trainer.step % OFFICIAL_RECONSTRUCTION_EVERY == 0 and not cfg.isolate_eval_rng:
+                    _draw_reconstruction_noise(trainer, len(x))
                 global_loss = all_reduce_mean(stats.loss.float(), rt)
                 if stats.ok:
                     loss_sum += global_loss

@@ -80,9 +80,9 @@ _TRAIN_FLAGS: list[tuple[str, Any, str]] = [
     ("temp", float, "temperature of the final samples"),
 ]
 _TRAIN_SWITCHES = [("weight_decay_norm_anneal", "anneal λ log-linearly from --weight_decay_norm_init"),
-                   ("isolate_eval_rng", "evaluations and sample grids during training draw from a copy of the "
-                                        "random state, so that they never change the training (official: they "
-                                        "draw from its random stream)"),
+                   ("isolate_eval_rng", "evaluations, sample grids and logged images during training draw from a "
+                                        "copy of the random state, so that they never change the training "
+                                        "(official: they draw from its random stream)"),
                    ("eval_untrained", "evaluate the test NELBO before training, as a baseline")]
 
 # Official flags about launching processes (see official_launch); local_rank and global_rank are

@@ -45,9 +45,9 @@ class TrainConfig:
         eval_every: epochs between test-set evaluations (0: the official rule, every epoch up to
             50 epochs, else every 20) - the last epoch is always evaluated.
         eval_iw_samples: importance samples of those periodic evaluations (official: 10).
-        isolate_eval_rng: periodic evaluations and sample grids draw from a copy of the random
-            state, so how often a run evaluates never changes its training (official: they draw
-            from the training's random stream).
+        isolate_eval_rng: periodic evaluations, sample grids and logged images draw from a copy
+            of the random state, so how often a run evaluates or logs never changes its training
+            (official: they draw from the training's random stream).
         checkpoint_every: steps between mid-epoch checkpoints (0: only at epoch ends).
         num_iw_samples: importance samples of the final test log-likelihood.
         eval_untrained: evaluate the test NELBO before training, as a baseline.
