@@ -4,6 +4,9 @@ The official ``train.py`` saves ``torch.save({'epoch', 'state_dict', 'optimizer'
 'args', 'arch_instance', 'scheduler', 'grad_scalar'})`` with ``args`` an ``argparse.Namespace``.
 ``torch.load(weights_only=True)`` refuses the Namespace; these readers allow exactly that one class
 beyond tensors and plain containers, so a checkpoint can never run code while loading.
+``save_official_checkpoint`` writes such a file with the complete ``args`` (every official option and
+``distributed``) and the optimizer, scheduler and gradient-scaler states in the official formats, so
+that the official ``evaluate.py`` and ``train.py --cont_training`` read it.
 """
 
 from __future__ import annotations
