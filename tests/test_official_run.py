@@ -77,8 +77,8 @@ def _check_initial_weights(case: dict, initial: dict[str, torch.Tensor]) -> None
     assert totals == pytest.approx(case["initial_weights_total"], rel=1e-6)
     for name, (total, magnitude) in case.get("initial_weights", {}).items():
         value = initial[name].double()
-        assert [value.sum().item(), value.abs().sum().item()] == pytest.approx([total, magnitude], rel=1e-6, abs=1e-6), \
-            name
+        got = [value.sum().item(), value.abs().sum().item()]
+        assert got == pytest.approx([total, magnitude], rel=1e-6, abs=1e-6), name
     if "initial_weights" in case:
         assert sorted(initial) == sorted(case["initial_weights"])
 
