@@ -161,7 +161,7 @@ def _sample(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     _prepare_bn(args, model, args.temp)
     images = generate(model, args.num_samples, args.temp, args.batch_size, amp_dtype(args.amp, rt.device),
-                      progress=True)
+                      progress=True, decoder_temp=args.decoder_temp)
     if len(images) == 0:
         raise NonFiniteSamples(nonfinite_message(args.num_samples, args.num_samples, args.temp) + "; nothing written")
     if len(images) < args.num_samples:
@@ -294,7 +294,7 @@ def _prepare_bn(args: argparse.Namespace, model, temperature: float | None, writ
     from nvae_fast.train.bn_stats import prepare_bn
 
     stats = prepare_bn(model, args.checkpoint, temperature, readjust=args.readjust_bn,
-                       iterations=args.readjust_bn_iters, batch_size=args.readjust_bn_batch,
+                       iterations=args.readjust_bn_iters, batch_size=args.readjust_bn_batch_size,
                        use_cache=not args.no_bn_cache, write_cache=write_cache, log=log)
     log(f"using {stats.describe()}")
     return stats
@@ -306,9 +306,21 @@ def _add_bn_args(p: argparse.ArgumentParser, temp_flag: str) -> None:
                         "the checkpoint (<stem>.bn_stats.safetensors); without it, statistics saved there for this "
                         f"{temp_flag} are reused, else the checkpoint's are used")
     p.add_argument("--readjust_bn_iters", type=positive_int, default=500, help="sampling passes of --readjust_bn")
-    p.add_argument("--readjust_bn_batch", type=positive_int, default=16, help="samples per pass of --readjust_bn")
+    p.add_argument("--readjust_bn_batch_size", type=positive_int, default=16,
+                   help="samples per pass of --readjust_bn (default 16, as the official evaluate.py)")
     p.add_argument("--no_bn_cache", action="store_true",
                    help="neither reuse nor save re-estimated BatchNorm statistics")
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type: a finite number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {value}")
+    return value
 
 
 def _add_load_args(p: argparse.ArgumentParser) -> None:
@@ -385,7 +397,7 @@ def _add_latent_parsers(sub) -> None:
     _add_data_args(fd)
     fd.add_argument("--num_samples", type=at_least_two, default=50_000, help="samples to score (official: 50,000)")
     fd.add_argument("--temp", type=positive_float, default=1.0, help="temperature of the samples")
-    fd.add_argument("--bn_temp", type=positive_float, default=None,
+    fd.add_argument("--bn_temp", type=non_negative_float, default=None,
                     help="temperature of the BatchNorm statistics (re-estimated with --readjust_bn, or cached); "
                          "default: --temp")
     _add_bn_args(fd, "--bn_temp")
@@ -427,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--eval_on_train", action="store_true", help="evaluate on the training split")
     ev.add_argument("--num_workers", type=int, default=1, help="data-loader workers")
     ev.add_argument("--output", default=None, help="also write the results as JSON to this file")
-    ev.add_argument("--temp", dest="bn_temp", type=positive_float, default=None,
+    ev.add_argument("--temp", dest="bn_temp", type=non_negative_float, default=None,
                     help="evaluate with the BatchNorm statistics re-estimated at this temperature (cached, or "
                          "computed with --readjust_bn); default: the checkpoint's")
     _add_bn_args(ev, "--temp")
@@ -436,7 +448,11 @@ def build_parser() -> argparse.ArgumentParser:
     sa = sub.add_parser("sample", help="draw images from a checkpoint: a PNG grid and an .npz")
     _add_load_args(sa)
     sa.add_argument("--num_samples", type=positive_int, default=64, help="number of images")
-    sa.add_argument("--temp", type=positive_float, default=0.7, help="temperature of the prior")
+    sa.add_argument("--temp", type=non_negative_float, default=0.7,
+                    help="temperature of the prior (0: decode the prior means)")
+    sa.add_argument("--decoder_temp", type=positive_float, default=1.0,
+                    help="temperature of the output distribution's sample (default 1, as the official "
+                         "evaluate.py; give --temp's value to sample it at the prior's temperature)")
     sa.add_argument("--batch_size", type=positive_int, default=64, help="images per forward pass")
     _add_bn_args(sa, "--temp")
     sa.add_argument("--output", default="samples",

@@ -188,7 +188,7 @@ def test_sample_and_evaluate_reuse_the_cached_statistics(tmp_path, capsys):
     ckpt = write_checkpoint(tiny_digits_model(), tmp_path / "model.safetensors")
     out = tmp_path / "samples.png"
     code, stdout, _ = _run(["sample", "--checkpoint", ckpt, "--num_samples", 4, "--temp", 0.6, "--readjust_bn",
-                            "--readjust_bn_iters", 2, "--readjust_bn_batch", 4, "--output", out], capsys)
+                            "--readjust_bn_iters", 2, "--readjust_bn_batch_size", 4, "--output", out], capsys)
     assert code == 0 and "re-estimated at t=0.6 (2 passes of 4 samples)" in stdout and out.is_file()
     code, stdout, _ = _run(["sample", "--checkpoint", ckpt, "--num_samples", 4, "--temp", 0.6, "--output", out],
                            capsys)

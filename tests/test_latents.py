@@ -104,11 +104,11 @@ def test_partial_decoding_fixes_the_coarse_groups_and_redraws_the_fine_ones():
     assert not torch.allclose(first["states"][combiners[coarse]], second["states"][combiners[coarse]])
     assert not torch.allclose(outputs[0], outputs[1])
 
-    # Every group given: nothing is random.
+    # Every group given, or the rest at temperature 0 (the prior means): nothing is random.
     torch.manual_seed(3)
-    full = model.decode(zs)
+    full, prior_mean = model.decode(zs), model.decode(zs[:coarse], t=0.0)
     torch.manual_seed(4)
-    assert torch.equal(model.decode(zs), full)
+    assert torch.equal(model.decode(zs), full) and torch.equal(model.decode(zs[:coarse], t=0.0), prior_mean)
 
 
 @torch.no_grad()

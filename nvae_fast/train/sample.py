@@ -37,16 +37,23 @@ class SampledBatch(NamedTuple):
 
 def sample_batches(model: nn.Module, num_samples: int, temp: float, batch_size: int = 64,
                    amp: torch.dtype | None = None, decode: Callable[[Tensor], Tensor] | None = None,
-                   progress: bool = False, desc: str = "sample") -> Iterator[SampledBatch]:
-    """Draws ``num_samples`` images from the prior at temperature ``temp``, ``batch_size`` at a
-    time on the model's device (under autocast ``amp``; tqdm bar if ``progress``).
+                   decoder_temp: float | None = None, progress: bool = False, desc: str = "sample"
+                   ) -> Iterator[SampledBatch]:
+    """Draws ``num_samples`` images from the prior at temperature ``temp`` (0: the prior means),
+    ``batch_size`` at a time on the model's device (under autocast ``amp``; tqdm bar if
+    ``progress``).
 
-    ``decode(logits) -> images`` turns logits into images (default: :func:`decoded_images` of
-    the model's output distribution at ``temp``). A sample whose logits or image hold a NaN/Inf
-    is counted and left out, never handed on as a black or white image.
+    ``decode(logits) -> images`` turns logits into images; by default :func:`decoded_images`
+    samples the output distribution at ``decoder_temp`` (default ``temp``, as the official
+    train.py's sample grids; the official evaluate.py samples it at 1). A sample whose logits or
+    image hold a NaN/Inf is counted and left out, never handed on as a black or white image.
     """
     if num_samples < 1 or batch_size < 1:
         raise ValueError(f"num_samples and batch_size must be >= 1, got {num_samples} and {batch_size}")
+    if decode is None:
+        decoder_temp = temp if decoder_temp is None else decoder_temp
+        if not 0 < decoder_temp < float("inf"):
+            raise ValueError(f"decoder_temp must be a finite number > 0, got {decoder_temp}")
     device = next(model.parameters()).device
     starts = range(0, num_samples, batch_size)
     for start in tqdm(starts, desc=desc, disable=not progress, leave=False, unit="batch"):
@@ -55,7 +62,8 @@ def sample_batches(model: nn.Module, num_samples: int, temp: float, batch_size: 
             with autocast(device, amp):
                 logits = model.sample(n, temp)
             logits = logits.float()
-            images = (decode(logits) if decode else decoded_images(model.decoder_output(logits), temp)).float()
+            images = decode(logits) if decode else decoded_images(model.decoder_output(logits), decoder_temp)
+            images = images.float()
             finite = torch.isfinite(logits).flatten(1).all(1) & torch.isfinite(images).flatten(1).all(1)
         good = int(finite.sum())
         yield SampledBatch(images if good == n else images[finite], n - good)
@@ -69,10 +77,11 @@ def nonfinite_message(count: int, total: int, temp: float) -> str:
 
 
 def generate(model: nn.Module, num_samples: int, temp: float, batch_size: int = 64,
-             amp: torch.dtype | None = None, device: torch.device | None = None, progress: bool = False,
+             amp: torch.dtype | None = None, progress: bool = False, decoder_temp: float | None = None,
              on_nonfinite: str = "drop") -> Tensor:
     """``num_samples`` images (N, C, H, W) float32 in [0, 1] on the CPU from the prior at
-    temperature ``temp`` (with a tqdm bar if ``progress``).
+    temperature ``temp`` (0: the prior means), the output distribution sampled at
+    ``decoder_temp`` (see :func:`sample_batches`), with a tqdm bar if ``progress``.
 
     Samples with NaN/Inf values are left out (``on_nonfinite='drop'``: fewer than
     ``num_samples`` images come back) or raise :class:`NonFiniteSamples` (``'raise'``) saying how
@@ -81,13 +90,13 @@ def generate(model: nn.Module, num_samples: int, temp: float, batch_size: int = 
     if on_nonfinite not in ("drop", "raise"):
         raise ValueError(f"on_nonfinite must be 'drop' or 'raise', got {on_nonfinite!r}")
     out, bad = [], 0
-    for batch in sample_batches(model, num_samples, temp, batch_size, amp, progress=progress):
+    for batch in sample_batches(model, num_samples, temp, batch_size, amp, decoder_temp=decoder_temp,
+                                progress=progress):
         out.append(batch.images.cpu())
         bad += batch.nonfinite
     if bad and on_nonfinite == "raise":
         raise NonFiniteSamples(nonfinite_message(bad, num_samples, temp))
-    images = torch.cat(out)
-    return images if device is None else images.to(device)
+    return torch.cat(out)
 
 
 def write_samples(images: Tensor, directory: str | os.PathLike, name: str = "samples", scale: int = 1) -> list[Path]:
