@@ -165,8 +165,8 @@ def _sample(args: argparse.Namespace) -> int:
     if len(images) == 0:
         raise NonFiniteSamples(nonfinite_message(args.num_samples, args.num_samples, args.temp) + "; nothing written")
     if len(images) < args.num_samples:
-        print(f"nvae-fast sample: warning: {nonfinite_message(args.num_samples - len(images), args.num_samples, args.temp)}"
-              "; they are left out of the files", file=sys.stderr)
+        dropped = nonfinite_message(args.num_samples - len(images), args.num_samples, args.temp)
+        print(f"nvae-fast sample: warning: {dropped}; they are left out of the files", file=sys.stderr)
     out = Path(args.output)
     scale = max(1, 256 // (int(args.num_samples ** 0.5 + 0.999) * model.config.image_size))
     png, npz = write_samples(images, out.parent if out.suffix else out,
@@ -246,7 +246,8 @@ def _interpolate(args: argparse.Namespace) -> int:
     if len(images) < 2:
         raise InputError(f"the {args.split} split holds {len(images)} image; interpolation needs two")
     images = images[:len(images) // 2 * 2]
-    rows = interpolation_rows(model, images[0::2], images[1::2], args.steps, args.groups, amp_dtype(args.amp, rt.device))
+    rows = interpolation_rows(model, images[0::2], images[1::2], args.steps, args.groups,
+                              amp_dtype(args.amp, rt.device))
     _save_grid(rows, args.steps + 2, Path(args.output))
     moving = "all latent groups" if args.groups is None else f"the first {args.groups} of {model.num_latent_groups} " \
                                                              "latent groups"

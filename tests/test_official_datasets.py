@@ -141,7 +141,7 @@ def test_lsun_folders_resize_and_crop_like_the_official_transforms(tmp_path):
     # Training: random crops of the resized image (and random flips); testing: the centre crop.
     crops = {tuple(train[(epoch, 1)].flatten().tolist()) for epoch in range(12)}
     windows = [webp[:, :, left:left + 8].float() / 255 for left in range(3)]
-    candidates = {tuple(w.flatten().tolist()) for w in windows} | {tuple(w.flip(-1).flatten().tolist()) for w in windows}
+    candidates = {tuple(v.flatten().tolist()) for w in windows for v in (w, w.flip(-1))}
     assert crops <= candidates and len(crops) > 2
     val = Image.open(io.BytesIO(_encode(images["val"][0], "WEBP")))
     resized = _reference(np.asarray(val), 8)
