@@ -130,11 +130,12 @@ def _files(tmp: Path, run: Path) -> dict[str, Path]:
     bad = dict(ckpt, model=_state_with_problems(ckpt["model"]))
     files["mismatched checkpoint"] = tmp / "mismatched.pt"
     torch.save(bad, files["mismatched checkpoint"])
-    nan = dict(ckpt, model=dict(ckpt["model"]))
-    key = next(k for k in nan["model"] if k.endswith("running_mean"))
-    nan["model"][key] = torch.full_like(nan["model"][key], float("nan"))
-    files["nan checkpoint"] = tmp / "nan.pt"
-    torch.save(nan, files["nan checkpoint"])
+    for kind, suffix in (("weights", "log_weight_norm"), ("statistics", "running_mean")):
+        nan = dict(ckpt, model=dict(ckpt["model"]))
+        key = next(k for k in nan["model"] if k.endswith(suffix))
+        nan["model"][key] = torch.full_like(nan["model"][key], float("nan"))
+        files[f"nan {kind}"] = tmp / f"nan_{kind}.pt"
+        torch.save(nan, files[f"nan {kind}"])
 
     files["mismatched official"] = tmp / "mismatched_official.pt"
     save_official_checkpoint(model, files["mismatched official"])
@@ -191,7 +192,7 @@ def _cases(tmp: Path, data: Path, run: Path, files: dict[str, Path], small: Path
         "ema decay nan": ([*fresh, "--ema_decay", "nan"], {}, 2, ("--ema_decay", "finite")),
         "stop after step 0": ([*fresh, "--stop_after_step", "0"], {}, 2, ("--stop_after_step must be >= 1",)),
         "sample temperature inf": (["sample", "--checkpoint", ckpt, "--temp", "inf"], {}, 2,
-                                   ("--temp", "finite number > 0")),
+                                   ("--temp", "finite number")),
         "evaluate negative batch": (["evaluate", "--checkpoint", ckpt, "--batch_size", "-1"], {}, 2,
                                     ("--batch_size", ">= 0")),
         "evaluate negative workers": (["evaluate", "--checkpoint", ckpt, "--num_workers", "-1"], {}, 2,
@@ -232,8 +233,10 @@ def _cases(tmp: Path, data: Path, run: Path, files: dict[str, Path], small: Path
                                            ("mismatched_official.pt", "do not fit the model")),
         "mismatched safetensors": (["sample", "--checkpoint", files["mismatched safetensors"]], {}, 2,
                                    ("mismatched.safetensors", "do not fit the model")),
-        "checkpoint with NaN": (["evaluate", "--checkpoint", files["nan checkpoint"]], {}, 2,
-                                ("nan.pt", "hold NaN/Inf", "running_mean")),
+        "checkpoint with NaN weights": (["evaluate", "--checkpoint", files["nan weights"]], {}, 2,
+                                        ("nan_weights.pt", "parameter tensor(s) hold NaN/Inf", "log_weight_norm")),
+        "checkpoint with NaN statistics": (["evaluate", "--checkpoint", files["nan statistics"]], {}, 2,
+                                           ("statistics", "hold NaN/Inf", "running_mean", "--readjust_bn")),
     }
 
 
@@ -247,7 +250,7 @@ CASES = ["rerun over a checkpoint", "resume and overwrite", "resume with another
          "evaluate output is a directory", "sample output under a file", "backend bogus", "backend cuda on a cpu",
          "backend triton on a cpu", "info with a bogus backend", "data that is a file", "random checkpoint",
          "malicious official checkpoint", "official checkpoint holding another class", "mismatched checkpoint", "mismatched official checkpoint",
-         "mismatched safetensors", "checkpoint with NaN"]
+         "mismatched safetensors", "checkpoint with NaN weights", "checkpoint with NaN statistics"]
 
 
 @pytest.mark.parametrize("case", CASES)

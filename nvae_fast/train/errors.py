@@ -26,6 +26,10 @@ class TrainingDiverged(RuntimeError):
     """Too many consecutive steps had a NaN/Inf loss or gradient, or the weights became NaN/Inf."""
 
 
+class NonFiniteSamples(RuntimeError):
+    """Sampled images (or the BatchNorm statistics re-estimated on samples) hold NaN/Inf values."""
+
+
 def one_line(text: str) -> str:
     """``text`` with its lines joined by '; ' (messages from libraries may span several)."""
     return "; ".join(line.strip() for line in str(text).splitlines() if line.strip())
@@ -37,9 +41,9 @@ def expected_failure(err: BaseException) -> tuple[int, str] | None:
 
     Expected: bad input (``InputError``, exit 2), a backend the environment asks for that cannot
     run (exit 2), a file system that refuses a read or write (exit 2), memory exhausted on the
-    device (exit 2), divergence (exit 3), Ctrl-C (exit 130).
+    device (exit 2), divergence or samples that are all NaN/Inf (exit 3), Ctrl-C (exit 130).
     """
-    if isinstance(err, TrainingDiverged):
+    if isinstance(err, (TrainingDiverged, NonFiniteSamples)):
         return EXIT_DIVERGED, one_line(str(err))
     if isinstance(err, KeyboardInterrupt):
         return EXIT_INTERRUPTED, "interrupted"
