@@ -249,8 +249,9 @@ CASES = ["rerun over a checkpoint", "resume and overwrite", "resume with another
          "batch larger than the data", "root is a file", "root cannot be written", "evaluate output under a file",
          "evaluate output is a directory", "sample output under a file", "backend bogus", "backend cuda on a cpu",
          "backend triton on a cpu", "info with a bogus backend", "data that is a file", "random checkpoint",
-         "malicious official checkpoint", "official checkpoint holding another class", "mismatched checkpoint", "mismatched official checkpoint",
-         "mismatched safetensors", "checkpoint with NaN weights", "checkpoint with NaN statistics"]
+         "malicious official checkpoint", "official checkpoint holding another class", "mismatched checkpoint",
+         "mismatched official checkpoint", "mismatched safetensors", "checkpoint with NaN weights",
+         "checkpoint with NaN statistics"]
 
 
 @pytest.mark.parametrize("case", CASES)

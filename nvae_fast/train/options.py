@@ -229,8 +229,9 @@ def _resumed_config(run_dir: Path, preset: str | None, model_given: dict[str, An
     kept = recorded["train"]
     fixed = [k for k in _FIXED_ON_RESUME if k in train_given and train_given[k] != kept.get(k)]
     if fixed:
-        raise InputError(f"--resume: {', '.join(f'--{k} {train_given[k]} (the run has {kept.get(k)})' for k in fixed)}; "
-                         "these fix the images of every step, so a run keeps them: start a new --save to change them")
+        changes = ", ".join(f"--{k} {train_given[k]} (the run has {kept.get(k)})" for k in fixed)
+        raise InputError(f"--resume: {changes}; these fix the images of every step, so a run keeps them: start a new "
+                         "--save to change them")
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
     try:
         train = TrainConfig(**{**{k: v for k, v in kept.items() if k in train_fields}, **train_given})
