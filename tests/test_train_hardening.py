@@ -162,6 +162,7 @@ def _cases(tmp: Path, data: Path, run: Path, files: dict[str, Path], small: Path
     fresh = ["train", "--preset", "tiny_mnist", "--data", data, "--root", tmp / "fresh"]
     resume = ["train", "--root", root, "--save", "t", "--resume"]
     ckpt = run / "checkpoint.pt"
+    problems = _problem_needles(NVAE(NVAEConfig.preset("tiny_mnist")))
     return {
         # A run directory is never overwritten.
         "rerun over a checkpoint": (["train", "--preset", "tiny_mnist", "--data", data, "--root", root, "--save", "t"],
@@ -228,11 +229,11 @@ def _cases(tmp: Path, data: Path, run: Path, files: dict[str, Path], small: Path
         "official checkpoint holding another class": (["evaluate", "--checkpoint", files["foreign official"]], {}, 2,
                                                       ("foreign_official.pt", "pickled pathlib", "refused")),
         "mismatched checkpoint": (["evaluate", "--checkpoint", files["mismatched checkpoint"]], {}, 2,
-                                  ("mismatched.pt: the weights do not fit the model",)),
+                                  ("mismatched.pt: the weights do not fit the model", *problems)),
         "mismatched official checkpoint": (["sample", "--checkpoint", files["mismatched official"]], {}, 2,
-                                           ("mismatched_official.pt", "do not fit the model")),
+                                           ("mismatched_official.pt", "do not fit the model", *problems)),
         "mismatched safetensors": (["sample", "--checkpoint", files["mismatched safetensors"]], {}, 2,
-                                   ("mismatched.safetensors", "do not fit the model")),
+                                   ("mismatched.safetensors", "do not fit the model", *problems)),
         "checkpoint with NaN weights": (["evaluate", "--checkpoint", files["nan weights"]], {}, 2,
                                         ("nan_weights.pt", "parameter tensor(s) hold NaN/Inf", "log_weight_norm")),
         "checkpoint with NaN statistics": (["evaluate", "--checkpoint", files["nan statistics"]], {}, 2,
