@@ -35,6 +35,11 @@ def _find_nvcc() -> str | None:
     return shutil.which("nvcc")
 
 
+def _gpu_seen() -> bool:
+    """Whether the NVIDIA driver shows a device (Linux; elsewhere assumed so)."""
+    return not sys.platform.startswith("linux") or any(Path("/dev").glob("nvidia[0-9]*"))
+
+
 def _find_cmake() -> str | None:
     found = shutil.which("cmake")
     if found:
@@ -90,6 +95,11 @@ class CMakeBuild(build_ext):
             cwd=build_dir, check=True,
         )
         jobs = os.environ.get("NVAE_FAST_BUILD_JOBS", str(os.cpu_count() or 1))
+        sources = len(list((ROOT / "csrc").glob("*.cu")))
+        gpu = "" if _gpu_seen() else " (no GPU seen on this machine: the kernels will not run here)"
+        _log(f"compiling nvae_fast._C: {sources} CUDA sources for architectures {archs} with {jobs} jobs, "
+             f"several minutes on a small machine{gpu}; NVAE_FAST_BUILD_CUDA=0 skips it, pip install -v "
+             "shows the progress")
         subprocess.run([cmake, "--build", ".", "--config", config, "-j", jobs], cwd=build_dir, check=True)
 
 
