@@ -204,3 +204,22 @@ def test_bad_run_arguments_are_refused(bench, capsys):
     assert "--time-limit: expected a positive number of seconds, got '0'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cell_bench.parse_args(["--device", "tpu"])
+
+
+def test_cpu_timings_on_a_gpu_machine_say_so(bench, monkeypatch):
+    """--device cpu where a GPU is present (as the tests above run there): the environment says the
+    GPU was not used, and triton is 'not timed' whether or not the interpreter is on."""
+    harness = bench("harness")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    env = harness.environment(torch.device("cpu"))
+    assert env["device"].startswith("CPU (") and "the GPU was not used" in env["device"]
+    for interpret in ("1", "0"):
+        monkeypatch.setenv("TRITON_INTERPRET", interpret)
+        assert harness.skip_reason("triton", torch.device("cpu")).startswith("not timed")
+    assert harness.skip_reason("cuda", torch.device("cpu")).startswith("not available")
+
+
+def test_device_cuda_without_a_gpu_is_refused(bench, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="--device cuda: no CUDA device"):
+        bench("harness").run_device("cuda")
