@@ -1,7 +1,8 @@
 """tests/conftest.py as a GPU machine sees it: a pytest session where torch reports a CUDA device
 (faked by a plugin that loads before the conftest) leaves Triton compiled (no interpreter), turns
-TF32 off in every test, selects requires_cuda and kernel_device[cuda] tests with ``-m gpu``, and
-fails a test that allocates CUDA memory without the gpu marker; without CUDA the interpreter is on."""
+TF32 off in every test, marks requires_cuda tests gpu (so ``-m gpu`` selects them), and fails a
+test that allocates CUDA memory without the gpu marker; without CUDA the interpreter is on.
+(kernel_device[cuda] and the sanitizer's tests: tests/test_gpu_check.py's dry run.)"""
 
 from __future__ import annotations
 
@@ -46,9 +47,10 @@ import torch
 from conftest import HAS_CUDA, requires_cuda
 
 
-def test_session_view():
+def test_session_view(request):
+    gpu = sorted(item.name for item in request.session.items if item.get_closest_marker("gpu"))
     print(f"VIEW cuda={HAS_CUDA} interpret={os.environ.get('TRITON_INTERPRET')} "
-          f"tf32={torch.backends.cudnn.allow_tf32},{torch.backends.cuda.matmul.allow_tf32}")
+          f"tf32={torch.backends.cudnn.allow_tf32},{torch.backends.cuda.matmul.allow_tf32} gpu={','.join(gpu)}")
 
 
 @requires_cuda
@@ -68,7 +70,7 @@ def test_unmarked_gpu_use():
 '''
 
 
-def _session(tmp_path: Path, *args: str, fake_cuda: bool) -> subprocess.CompletedProcess:
+def _session(tmp_path: Path, fake_cuda: bool) -> subprocess.CompletedProcess:
     """pytest on a copy of the real conftest and the tests above, optionally with CUDA faked present."""
     shutil.copy(TESTS / "conftest.py", tmp_path / "conftest.py")
     (tmp_path / "fake_cuda.py").write_text(FAKE_CUDA)
@@ -77,24 +79,22 @@ def _session(tmp_path: Path, *args: str, fake_cuda: bool) -> subprocess.Complete
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tmp_path), str(TESTS.parent), env.get("PYTHONPATH")]))
     plugin = ["-p", "fake_cuda"] if fake_cuda else []
     return subprocess.run([sys.executable, "-m", "pytest", *plugin, "-p", "no:cacheprovider", "-q", "-s",
-                           "-o", "markers=gpu: test", "--rootdir", str(tmp_path), *args, str(tmp_path)],
+                           "-o", "markers=gpu: test", "--rootdir", str(tmp_path), str(tmp_path)],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
 
 
 def test_with_cuda_present(tmp_path):
     proc = _session(tmp_path, fake_cuda=True)
     out = proc.stdout
-    assert "VIEW cuda=True interpret=None tf32=False,False" in out, out
+    assert "VIEW cuda=True interpret=None tf32=False,False gpu=test_marked_gpu_use,test_needs_cuda" in out, out
     assert "4 passed, 1 error" in out, out   # the unmarked test passes, then its teardown fails
     assert "test_unmarked_gpu_use allocates CUDA memory but is not marked gpu" in out, out
-    selected = _session(tmp_path, "-m", "gpu", "--collect-only", fake_cuda=True).stdout
-    assert "test_needs_cuda" in selected and "test_marked_gpu_use" in selected, selected
-    assert "test_unmarked_gpu_use" not in selected and "test_session_view" not in selected, selected
 
 
 def test_without_cuda(tmp_path):
     proc = _session(tmp_path, fake_cuda=False)
-    assert "VIEW cuda=False interpret=1 tf32=False,False" in proc.stdout, proc.stdout
+    assert "VIEW cuda=False interpret=1 tf32=False,False gpu=test_marked_gpu_use,test_needs_cuda" in proc.stdout, \
+        proc.stdout
     # without CUDA nothing is allocated on it, so the unmarked test passes; requires_cuda skips
     assert "3 passed, 1 skipped" in proc.stdout, proc.stdout
 
