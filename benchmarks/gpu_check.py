@@ -132,7 +132,7 @@ class Settings:
 
     @property
     def workers(self) -> int:
-        return max(1, min(self.cpus, 16))
+        return max(1, min(self.cpus - 1, 16))   # a core left for the sanitizer beside the tests
 
 
 def _pytest(s: Settings, *args: str, parallel: bool = True, per_test_timeout: int = 180) -> tuple[str, ...]:
@@ -449,7 +449,8 @@ class Run:
         gpu = env.get("torch", {})
         if not gpu.get("cuda_available"):
             result.status = "failed"
-            result.detail = f"PyTorch sees no GPU ({gpu.get('error') or 'torch.cuda.is_available() is False'})"
+            result.detail = (f"PyTorch sees no GPU ({gpu.get('error') or 'torch.cuda.is_available() is False'}); "
+                             "without one, --dry-run checks the plan")
             return
         self.s.arch = gpu["arch"]
         modules = env.get("modules", {})

@@ -113,6 +113,31 @@ def test_runner_kills_an_overrunning_step_and_reports(gpu_check, tmp_path, capsy
     assert "slow: start (budget 2 s" in capsys.readouterr().out
 
 
+def test_test_and_benchmark_steps_are_judged_by_their_output(gpu_check, tmp_path, monkeypatch):
+    """A test step reports pytest's counts and failures; a benchmark step fails on a failed row or an
+    unfinished JSON, even when the script exits 0; its chart leaves the output directory."""
+    monkeypatch.setattr(gpu_check, "WORK_DIR", tmp_path / "work")
+    out = tmp_path / "out"
+    pytest_output = "FAILED tests/a.py::t - boom\n===== 1 failed, 4 passed in 9.1s ====="
+    rows = [{"impl": "eager", "kind": "kl", "shape": "2x3", "status": "timed"},
+            {"impl": "triton", "kind": "kl", "shape": "2x3", "status": "failed: RuntimeError: x"}]
+    write = ("import json, pathlib, sys; out = pathlib.Path(sys.argv[1]); "
+             f"out.write_text(json.dumps({{'finished': True, 'results': {rows!r}}})); "
+             "out.with_suffix('.png').write_bytes(b'png')")
+    steps = [gpu_check.Step("gpu-tests", 20, "t", ((sys.executable, "-c", f"print({pytest_output!r}); exit(1)"),)),
+             gpu_check.Step("bench-cells", 20, "b", ((sys.executable, "-c", write, str(out / "cell_bench.json")),),
+                            out_json="cell_bench.json")]
+    run = gpu_check.Run(gpu_check.Settings(out=out), [gpu_check.Phase("p", ((steps[0],), (steps[1],)))],
+                        20 + gpu_check.RESERVE_S, rebuild=False)
+    assert run.execute() == gpu_check.EXIT_FAILED
+    tests, bench = run.results["gpu-tests"], run.results["bench-cells"]
+    assert tests.status == "failed" and tests.detail.startswith("1 failed, 4 passed in 9.1s; exit status 1 of ")
+    assert tests.failures == ["FAILED tests/a.py::t - boom"]
+    assert bench.status == "failed" and bench.detail == "1 timed, 1 failed"
+    assert bench.failures == ["triton kl 2x3: failed: RuntimeError: x"]
+    assert not (out / "cell_bench.png").exists() and (tmp_path / "work" / "plots" / "cell_bench.png").is_file()
+
+
 def test_summaries_of_pytest_and_the_sanitizer(gpu_check):
     out = "....F\nFAILED tests/a.py::t - boom\n===== 1 failed, 4 passed, 2 skipped in 9.1s =====\n"
     assert gpu_check.pytest_summary(out) == "1 failed, 4 passed, 2 skipped in 9.1s"
