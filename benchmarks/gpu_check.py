@@ -16,15 +16,16 @@ Steps (``--steps`` runs a subset; ``--list`` prints them with their budgets):
    caches under ``build/gpu_check/``; beside it, on the same GPU, ``memcheck`` and ``racecheck``:
    compute-sanitizer on a small named subset of the CUDA kernel tests.
 4. ``bench-cells``: cell_bench.py on the cifar10 decoder and post-processing cells and the KL in
-   bf16 (eager, triton, cuda, torch.compile); ``bench-model``: model_bench.py, one cifar10
-   training step at batch 32 (eager against the fused backends).
+   bf16 (eager, triton, cuda); ``bench-model``: model_bench.py, one cifar10 training step at
+   batch 32 (eager against the fused backends); ``bench-compile``: the cells under torch.compile.
+   Each passes its benchmark a ``--time-limit`` short of its cap.
 5. ``cpu-tests`` (only when named in ``--steps``): the rest of the suite with the GPU present.
 
 Each step has a budget; a step may use its own and whatever earlier steps left unused, never time
 the steps after it are owed, and is killed (with its child processes) when that runs out. The
 output directory gets few files: ``gpu_check.log`` (every step's output), ``summary.md`` (the
-table), ``gpu_check.json`` (plan, environment, per-step results) and each benchmark's JSON and
-PNG. The exit status is 0 only if every step passed, 1 otherwise, 2 for bad usage or no GPU.
+table), ``gpu_check.json`` (plan, environment, per-step results) and each benchmark's JSON (its
+chart goes to ``build/gpu_check/plots/``). The exit status is 0 only if every step passed, 1 otherwise, 2 for bad usage or no GPU.
 ``--dry-run`` runs no GPU step: it prints the plan, checks the deadline arithmetic, collects the
 ``-m gpu`` tests and the sanitizer's named tests, and parses the benchmarks' arguments.
 """
