@@ -433,8 +433,11 @@ def plot_bars(path: Path, rows: list[dict[str, Any]], case_keys: Sequence[str], 
     """Grouped bar charts in one PNG, one panel per ``(value_key, ylabel)`` of ``panels``: a group
     per distinct ``case_keys`` tuple, a bar per ``series_key`` value, on a log axis. Rows without
     the panel's value (not timed, failed) are left out of it."""
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"matplotlib is not installed: no chart {path.name} (the JSON holds every number)")
+        return
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
