@@ -412,6 +412,10 @@ class Run:
             summary = pytest_summary(output)
             result.detail = summary + (f"; {result.detail}" if result.detail and result.status != "passed" else "")
             result.failures = [line for line in output.splitlines() if line.startswith(("FAILED ", "ERROR "))]
+            unmarked = sorted(set(re.findall(r"(\S+::\S+) allocates CUDA memory but is not marked gpu", output)))
+            if unmarked:   # tests/conftest.py's warning: they ran on the GPU, but -m gpu leaves them out
+                result.detail += f"; {len(unmarked)} unmarked tests used the GPU"
+                result.failures += [f"unmarked GPU use: {t}" for t in unmarked]
             if step.name in ("memcheck", "racecheck"):
                 errors = re.findall(r"ERROR SUMMARY: (\d+) error", output)
                 hazards = re.findall(r"RACECHECK SUMMARY: (\d+) hazard", output)

@@ -1,7 +1,7 @@
 """tests/conftest.py as a GPU machine sees it: a pytest session where torch reports a CUDA device
 (faked by a plugin that loads before the conftest) leaves Triton compiled (no interpreter), turns
-TF32 off in every test, marks requires_cuda tests gpu (so ``-m gpu`` selects them), and fails a
-test that allocates CUDA memory without the gpu marker; without CUDA the interpreter is on.
+TF32 off in every test, marks requires_cuda tests gpu (so ``-m gpu`` selects them), and warns
+about a test that allocates CUDA memory without the gpu marker; without CUDA the interpreter is on.
 (kernel_device[cuda] and the sanitizer's tests: tests/test_gpu_check.py's dry run.)"""
 
 from __future__ import annotations
@@ -87,8 +87,9 @@ def test_with_cuda_present(tmp_path):
     proc = _session(tmp_path, fake_cuda=True)
     out = proc.stdout
     assert "VIEW cuda=True interpret=None tf32=False,False gpu=test_marked_gpu_use,test_needs_cuda" in out, out
-    assert "4 passed, 1 error" in out, out   # the unmarked test passes, then its teardown fails
-    assert "test_unmarked_gpu_use allocates CUDA memory but is not marked gpu" in out, out
+    assert "4 passed, 1 warning" in out, out
+    assert "test_session.py::test_unmarked_gpu_use allocates CUDA memory but is not marked gpu" in out, out
+    assert "test_marked_gpu_use allocates" not in out, out
 
 
 def test_without_cuda(tmp_path):

@@ -118,7 +118,8 @@ def test_test_and_benchmark_steps_are_judged_by_their_output(gpu_check, tmp_path
     unfinished JSON, even when the script exits 0; its chart leaves the output directory."""
     monkeypatch.setattr(gpu_check, "WORK_DIR", tmp_path / "work")
     out = tmp_path / "out"
-    pytest_output = "FAILED tests/a.py::t - boom\n===== 1 failed, 4 passed in 9.1s ====="
+    pytest_output = ("tests/a.py::u\n  tests/conftest.py:90: PytestWarning: tests/a.py::u[x-1] allocates CUDA memory "
+                     "but is not marked gpu: mark it\nFAILED tests/a.py::t - boom\n===== 1 failed, 4 passed in 9.1s =====")
     rows = [{"impl": "eager", "kind": "kl", "shape": "2x3", "status": "timed"},
             {"impl": "triton", "kind": "kl", "shape": "2x3", "status": "failed: RuntimeError: x"}]
     write = ("import json, pathlib, sys; out = pathlib.Path(sys.argv[1]); "
@@ -132,7 +133,8 @@ def test_test_and_benchmark_steps_are_judged_by_their_output(gpu_check, tmp_path
     assert run.execute() == gpu_check.EXIT_FAILED
     tests, bench = run.results["gpu-tests"], run.results["bench-cells"]
     assert tests.status == "failed" and tests.detail.startswith("1 failed, 4 passed in 9.1s; exit status 1 of ")
-    assert tests.failures == ["FAILED tests/a.py::t - boom"]
+    assert tests.detail.endswith("; 1 unmarked tests used the GPU")
+    assert tests.failures == ["FAILED tests/a.py::t - boom", "unmarked GPU use: tests/a.py::u[x-1]"]
     assert bench.status == "failed" and bench.detail == "1 timed, 1 failed"
     assert bench.failures == ["triton kl 2x3: failed: RuntimeError: x"]
     assert not (out / "cell_bench.png").exists() and (tmp_path / "work" / "plots" / "cell_bench.png").is_file()
