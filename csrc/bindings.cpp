@@ -273,6 +273,44 @@ PYBIND11_MODULE(_C, m) {
       },
       py::call_guard<py::gil_scoped_release>());
 
+  m.def(
+      "dwconv_stage_launch_plan",
+      [](int64_t n, int64_t c, int64_t h, int64_t w, int k, int stride, bool upsample, int sms) {
+        if (sms <= 0) throw std::invalid_argument("sms must be positive");
+        const nvae::DwConvShape shape = to_dw_shape(n, c, h, w, k, stride, upsample);
+        const nvae::DwConvStageLaunch plan = nvae::dwconv_stage_launch_plan(shape, sms);
+        auto merge = [](const nvae::MergeLaunch& m) {
+          py::dict d;
+          d["parts"] = m.parts;
+          d["segments"] = m.segments;
+          d["seg_len"] = m.seg_len;
+          d["blocks"] = m.blocks;
+          d["serial_loads"] = m.serial_loads;
+          return d;
+        };
+        auto pass = [&](const nvae::DwConvPassLaunch& p) {
+          py::dict d;
+          d["blocks"] = p.blocks;
+          d["tile"] = py::make_tuple(p.th, p.tw);
+          d["tiles"] = p.tiles;
+          d["tiles_per_block"] = p.tiles_per_block;
+          d["smem_bytes"] = p.smem_bytes;
+          d["evaluations_per_element"] = p.evaluations;
+          d["merge"] = merge(p.merge);
+          return d;
+        };
+        py::dict out;
+        out["forward"] = pass(plan.forward);
+        out["input_grad"] = pass(plan.input_grad);
+        out["weight_grad"] = pass(plan.weight_grad);
+        return out;
+      },
+      py::arg("n"), py::arg("c"), py::arg("h"), py::arg("w"), py::arg("k"), py::arg("stride"), py::arg("upsample"),
+      py::arg("sms"),
+      "The depthwise stage's launch plan on a device with `sms` multiprocessors (nothing is launched): per kernel "
+      "grid blocks, tile, tiles per block, shared memory, BN1 + Swish evaluations per element of a, and the merge "
+      "of its partials (runs, serial loads per thread).");
+
   // ---- residual-normal KL: tensors cross as {name: (pointer, strides)}, fp32 vectors as {name: pointer} ----
   m.def(
       "normal_kl_workspace_bytes",

@@ -69,6 +69,9 @@ int sm_count();
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Byte offsets of the pieces of a workspace start on 256-byte boundaries.
+inline size_t aligned_bytes(int64_t bytes) { return static_cast<size_t>(ceil_div(bytes, 256) * 256); }
+
 // Division rounding towards minus infinity (b > 0), for window origins left of the image.
 __host__ __device__ __forceinline__ int64_t floor_div(int64_t a, int64_t b) {
   return a >= 0 ? a / b : -((-a + b - 1) / b);

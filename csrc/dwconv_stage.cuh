@@ -1,5 +1,5 @@
 // The depthwise stage of the fused generative cell (contract: nvae_fast/ops/dwconv_stage.py):
-// tiling plan, shared-memory window loaders and the three kernels. Launch code lives in
+// tiling plans, shared-memory window loaders and the three kernels. Launch code lives in
 // dwconv_stage_forward.cu and dwconv_stage_backward.cu.
 //
 // Every kernel works on channels-last tensors, one image n, one tile of positions and one slice
@@ -14,10 +14,13 @@
 //                 block with `upsample`; g = db * swish'(a * scale + shift); partial sums of g and
 //                 g * (a - mean_a) per channel.
 //   weight grad   dweight[c, ky, kx] = sum over outputs of dc * b at the tap's offset; each block
-//                 sums a fixed run of tiles in registers, then one partial per block.
-// Partials are merged in a fixed order by reduce.cu's finalize kernels: deterministic, no atomics.
-// Each thread computes kRun neighbouring outputs of a row (register blocking), so one window value
-// read from shared memory feeds up to K multiply-adds.
+//                 sums all K * K taps over a run of tiles in registers, then one partial per block.
+// BN1 + Swish (or its derivative) is evaluated once per element of a that a block stages: with
+// `upsample` the window loader computes it at a's resolution and copies it to the 2 x 2 positions
+// it covers. Only the halo of a tile is evaluated again by the neighbouring tile.
+// Partials are merged in a fixed order by reduce.cu's two-level merge: deterministic, no atomics
+// on values. Each thread computes kRun neighbouring outputs of a row (register blocking), so one
+// window value read from shared memory feeds up to K multiply-adds.
 #pragma once
 
 #include <algorithm>
@@ -46,10 +49,16 @@ inline bool supported(const DwConvShape& s) {
   return s.n > 0 && s.c > 0 && s.h > 0 && s.w > 0 && k_ok && stride_ok;
 }
 
-// Rows of taps one weight-grad block accumulates in registers (tap_rows(K) * K floats per thread).
-__host__ __device__ constexpr int tap_rows(int k) { return k <= 7 ? k : 6; }
+// Rows of taps one weight-grad thread accumulates in registers (tap_rows(K) * K floats). With
+// K = 11 the 121 taps split into four groups of 3 rows (the last one 2), each taken by two of the
+// block's warps: 33 accumulators leave the registers the window loader needs while they are live.
+// A window value read from shared memory feeds kRun multiply-adds per tap row either way.
+__host__ __device__ constexpr int tap_rows(int k) { return k <= 7 ? k : 3; }
+__host__ __device__ constexpr int tap_groups(int k) { return (k + tap_rows(k) - 1) / tap_rows(k); }
 
 // One launch's geometry: the problem, the tile and the shared-memory layout. Passed by value.
+// Block b takes channel block b % cblocks and the run of tiles_per_run tiles starting at tile
+// (b / cblocks) * tiles_per_run; runs of more than one tile only in the weight grad.
 struct Geometry {
   int64_t n, c;            // batch, channels
   int64_t h, w;            // a (low resolution with upsample)
@@ -59,10 +68,12 @@ struct Geometry {
   int th, tw;              // tile: output positions (forward, weight grad) or positions of a (input grad)
   int win_h, win_w;        // the halo window of the tile (b, or dc for the input grad)
   int64_t tiles_y, tiles_x, cblocks;
+  int64_t tiles_per_run, runs;
   int64_t second_offset;   // floats from the window to the second buffer (output / a / dc tile)
   int64_t smem_bytes;
 
   __host__ __device__ int64_t tiles() const { return n * tiles_y * tiles_x; }
+  __host__ __device__ int64_t blocks() const { return runs * cblocks; }
 };
 
 inline void window_dims(Pass pass, int k, int stride, int up, int th, int tw, int& win_h, int& win_w) {
@@ -83,61 +94,156 @@ inline int scratch_positions(Pass pass, int k) {
   switch (pass) {
     case Pass::kForward: return kWarps * 3;       // Welford count, mean, m2 per warp
     case Pass::kInputGrad: return kWarps * 2;     // sum g, sum g * (a - mean) per warp
-    case Pass::kWeightGrad: return tap_rows(k) * k;
+    case Pass::kWeightGrad: return k * k;         // the block's sum of every tap
   }
   return 0;
 }
 
-// Chooses the tile (th, tw) that minimises a cost model of the whole pass: window positions loaded
-// (global reads + Swish) plus multiply-adds, with idle warps counted as lost time.
-inline Geometry plan(Pass pass, int64_t n, int64_t c, int64_t h, int64_t w, int k, int stride, bool upsample) {
-  Geometry g{};
-  g.n = n;
-  g.c = c;
-  g.h = h;
-  g.w = w;
-  g.k = k;
-  g.pad = k / 2;
-  g.stride = stride;
-  g.up = upsample ? 1 : 0;
-  g.hi = h << g.up;
-  g.wi = w << g.up;
-  g.ho = (g.hi + 2 * g.pad - k) / stride + 1;
-  g.wo = (g.wi + 2 * g.pad - k) / stride + 1;
-  g.cblocks = ceil_div(c, kSlice);
+// Cost model of a tile, in multiply-add units per channel: staging a window position costs a global
+// load, BN + Swish and a shared-memory store (kStageCost; BN + Swish and the load are shared by the
+// 2 x 2 positions of one element of a with upsample), an output position K * K multiply-adds, with
+// idle warps counted as lost time.
+constexpr double kStageCost = 8.0;
 
-  const int64_t span_y = pass == Pass::kInputGrad ? h : g.ho;
-  const int64_t span_x = pass == Pass::kInputGrad ? w : g.wo;
+inline Geometry base_geometry(const DwConvShape& s) {
+  Geometry g{};
+  g.n = s.n;
+  g.c = s.c;
+  g.h = s.h;
+  g.w = s.w;
+  g.k = s.k;
+  g.pad = s.k / 2;
+  g.stride = s.stride;
+  g.up = s.upsample ? 1 : 0;
+  g.hi = s.h << g.up;
+  g.wi = s.w << g.up;
+  g.ho = (g.hi + 2 * g.pad - s.k) / s.stride + 1;
+  g.wo = (g.wi + 2 * g.pad - s.k) / s.stride + 1;
+  g.cblocks = ceil_div(s.c, kSlice);
+  return g;
+}
+
+// Chooses the tile (th, tw), and for the weight grad the runs of tiles per block, that minimise the
+// modelled time of the pass on `sms` multiprocessors holding kMinBlocks blocks each: a pass with
+// fewer blocks than that leaves multiprocessors idle, so small images get small tiles. The weight
+// grad sums runs of tiles per block into one partial; its runs fill one wave of blocks where the
+// tiles allow (the grid is then between sms and kMinBlocks * sms blocks, or more when the channel
+// blocks alone exceed it).
+inline Geometry plan(Pass pass, const DwConvShape& s, int sms) {
+  Geometry g = base_geometry(s);
+  const int k = s.k;
+  const int64_t span_y = pass == Pass::kInputGrad ? g.h : g.ho;
+  const int64_t span_x = pass == Pass::kInputGrad ? g.w : g.wo;
   const int macs_per_position = k * k * (pass == Pass::kInputGrad ? (1 << (2 * g.up)) : 1);
+  const double stage_cost = pass == Pass::kInputGrad ? kStageCost : kStageCost / (1 << (2 * g.up)) + 1.0;
+  const int groups = pass == Pass::kWeightGrad ? tap_groups(k) : 1;
   const int scratch = scratch_positions(pass, k);
+  const int64_t capacity = static_cast<int64_t>(std::max(sms, 1)) * kMinBlocks;
   double best = std::numeric_limits<double>::infinity();
   for (int tw = kRun; tw <= kMaxTileCols; tw *= 2) {
     if (tw > kRun && tw / 2 >= span_x) break;  // the previous width already spans the image
     const int64_t rows_max = std::min<int64_t>(span_y, kMaxTileRows);
     for (int th = 1; th <= rows_max; ++th) {
       int win_h = 0, win_w = 0;
-      window_dims(pass, k, stride, g.up, th, tw, win_h, win_w);
+      window_dims(pass, k, s.stride, g.up, th, tw, win_h, win_w);
       const int64_t first = std::max<int64_t>(static_cast<int64_t>(win_h) * win_w, scratch);
       const int64_t bytes = (first + th * tw) * kSlice * static_cast<int64_t>(sizeof(float));
       if (bytes > kSmemBudget) break;
-      const int64_t tiles = ceil_div(span_y, th) * ceil_div(span_x, tw);
-      const int busy_warps = std::min(th * tw / kRun, kWarps);
-      const double cost = static_cast<double>(tiles) *
-                          (8.0 * win_h * win_w + static_cast<double>(th) * tw * macs_per_position * kWarps / busy_warps);
-      if (cost < best) {
-        best = cost;
+      const int64_t tiles = s.n * ceil_div(span_y, th) * ceil_div(span_x, tw);
+      const int busy_warps = static_cast<int>(std::min<int64_t>(th * tw / kRun, kWarps / groups)) * groups;
+      const double tile_cost = stage_cost * win_h * win_w +
+                               static_cast<double>(th) * tw * macs_per_position * kWarps / busy_warps;
+      int64_t tiles_per_run = 1;
+      double time = tile_cost * static_cast<double>(std::max(tiles * g.cblocks, capacity)) / capacity;
+      if (pass == Pass::kWeightGrad) {
+        // Per block: the merge of the warps' taps through shared memory and one partial of K * K taps.
+        const double block_cost = static_cast<double>(k) * k * (kWarps / groups + 2);
+        time = std::numeric_limits<double>::infinity();
+        const int64_t min_waves = ceil_div(g.cblocks, capacity);
+        for (int64_t waves = min_waves; waves < min_waves + 4; ++waves) {
+          const int64_t runs_wanted = std::clamp<int64_t>(waves * capacity / g.cblocks, 1, tiles);
+          const int64_t per_run = ceil_div(tiles, runs_wanted);
+          const int64_t blocks = ceil_div(tiles, per_run) * g.cblocks;
+          const double t = static_cast<double>(ceil_div(blocks, capacity)) * (per_run * tile_cost + block_cost);
+          if (t < time) {
+            time = t;
+            tiles_per_run = per_run;
+          }
+        }
+      }
+      if (time < best) {
+        best = time;
         g.th = th;
         g.tw = tw;
         g.win_h = win_h;
         g.win_w = win_w;
         g.second_offset = first * kSlice;
         g.smem_bytes = bytes;
+        g.tiles_per_run = tiles_per_run;
       }
     }
   }
   g.tiles_y = ceil_div(span_y, g.th);
   g.tiles_x = ceil_div(span_x, g.tw);
+  g.runs = ceil_div(g.tiles(), g.tiles_per_run);
   return g;
+}
+
+// BN1 + Swish evaluations per element of a (per channel) that a pass of geometry g makes: 1 for
+// the input grad (its tiles of a have no halo), 1 plus the halo's share for the others.
+inline double evaluations_per_element(Pass pass, const Geometry& g) {
+  if (pass == Pass::kInputGrad) return 1.0;
+  // Elements of a along one axis that the windows of `tiles` tiles of `extent` outputs cover.
+  auto covered = [&](int64_t tiles, int extent, int window, int64_t size) {
+    int64_t sum = 0;
+    for (int64_t t = 0; t < tiles; ++t) {
+      const int64_t lo = t * extent * g.stride - g.pad;  // first window position, conv-input coordinates
+      const int64_t first = std::max<int64_t>(floor_div(lo, 1 << g.up), 0);
+      const int64_t last = std::min<int64_t>(floor_div(lo + window - 1, 1 << g.up), size - 1);
+      sum += std::max<int64_t>(last - first + 1, 0);
+    }
+    return sum;
+  };
+  const double rows = static_cast<double>(covered(g.tiles_y, g.th, g.win_h, g.h));
+  const double cols = static_cast<double>(covered(g.tiles_x, g.tw, g.win_w, g.w));
+  return rows * cols / (static_cast<double>(g.h) * g.w);
+}
+
+// The workspaces: partials, then (256-byte aligned) their merge's scratch; the backward holds the
+// input-grad pieces, then the weight-grad pieces.
+struct ForwardPlan {
+  Geometry geo;
+  MergePlan merge;
+  size_t scratch_offset, bytes;
+};
+
+inline ForwardPlan forward_plan(const DwConvShape& s, int sms) {
+  ForwardPlan p;
+  p.geo = plan(Pass::kForward, s, sms);
+  p.merge = merge_plan(p.geo.tiles(), 3, s.c, true);
+  p.scratch_offset = aligned_bytes(p.geo.tiles() * 3 * s.c * static_cast<int64_t>(sizeof(float)));
+  p.bytes = p.scratch_offset + p.merge.scratch_bytes();
+  return p;
+}
+
+struct BackwardPlan {
+  Geometry input, weight;
+  MergePlan input_merge, weight_merge;
+  size_t input_scratch_offset, weight_offset, weight_scratch_offset, bytes;
+};
+
+inline BackwardPlan backward_plan(const DwConvShape& s, int sms) {
+  BackwardPlan p;
+  p.input = plan(Pass::kInputGrad, s, sms);
+  p.weight = plan(Pass::kWeightGrad, s, sms);
+  p.input_merge = merge_plan(p.input.tiles(), 2, s.c, false);
+  p.weight_merge = merge_plan(p.weight.runs, s.k * s.k, s.c, false);
+  const int64_t f = sizeof(float);
+  p.input_scratch_offset = aligned_bytes(p.input.tiles() * 2 * s.c * f);
+  p.weight_offset = p.input_scratch_offset + aligned_bytes(static_cast<int64_t>(p.input_merge.scratch_bytes()));
+  p.weight_scratch_offset = p.weight_offset + aligned_bytes(p.weight.runs * s.k * s.k * s.c * f);
+  p.bytes = p.weight_scratch_offset + p.weight_merge.scratch_bytes();
+  return p;
 }
 
 // ---- shared-memory windows ---------------------------------------------------------------------
@@ -174,7 +280,9 @@ __device__ __forceinline__ void get_floats(const float* src, float (&v)[VEC]) {
 // y = y0 + r, x = x0 + q, where f is swish(v * scale + shift) (identity when scale is null). Zero
 // where (y, x) falls outside the (upsampled) image [0, src_h << up) x [0, src_w << up) and for
 // channels >= C: the conv's zero padding. src points at image n (src_h x src_w x C, channels-last).
-// kGroups = kSlice / VEC threads share a position; each keeps one channel group for the whole loop.
+// The loop runs over the elements of src the window covers, so f is evaluated once per element and
+// copied to the up to 2 x 2 window positions it covers with upsample.
+// kGroups = kSlice / VEC threads share an element; each keeps one channel group for the whole loop.
 template <int VEC, typename T>
 __device__ __forceinline__ void load_window_impl(const T* __restrict__ src, int64_t C, int64_t src_h, int64_t src_w,
                                                  int up, int64_t c0, int64_t y0, int64_t x0, int rows, int cols,
@@ -191,26 +299,34 @@ __device__ __forceinline__ void load_window_impl(const T* __restrict__ src, int6
     sc[i] = swish && channels_ok ? scale[cg + i] : 0.f;
     sh[i] = swish && channels_ok ? shift[cg + i] : 0.f;
   }
-  const int64_t img_h = src_h << up, img_w = src_w << up;
-  for (int idx = threadIdx.x / kGroups; idx < rows * cols; idx += kThreads / kGroups) {
-    const int r = idx / cols;
-    const int q = idx - r * cols;
-    const int64_t y = y0 + r, x = x0 + q;
+  const int rep = 1 << up;  // window positions per element of src, along each axis
+  const int64_t sy0 = floor_div(y0, rep), sx0 = floor_div(x0, rep);
+  const int src_rows = static_cast<int>(floor_div(y0 + rows - 1, rep) - sy0 + 1);
+  const int src_cols = static_cast<int>(floor_div(x0 + cols - 1, rep) - sx0 + 1);
+  for (int idx = threadIdx.x / kGroups; idx < src_rows * src_cols; idx += kThreads / kGroups) {
+    const int i = idx / src_cols;
+    const int j = idx - i * src_cols;
+    const int64_t sy = sy0 + i, sx = sx0 + j;
     float v[VEC];
-    if (channels_ok && y >= 0 && y < img_h && x >= 0 && x < img_w) {
-      load_vec<T, VEC>(src + ((y >> up) * src_w + (x >> up)) * C + cg, v);
+    if (channels_ok && sy >= 0 && sy < src_h && sx >= 0 && sx < src_w) {
+      load_vec<T, VEC>(src + (sy * src_w + sx) * C + cg, v);
       if (swish) {
 #pragma unroll
-        for (int i = 0; i < VEC; ++i) {
-          const float z = fmaf(v[i], sc[i], sh[i]);
-          v[i] = z * sigmoidf_fast(z);
+        for (int e = 0; e < VEC; ++e) {
+          const float z = fmaf(v[e], sc[e], sh[e]);
+          v[e] = z * sigmoidf_fast(z);
         }
       }
     } else {
 #pragma unroll
-      for (int i = 0; i < VEC; ++i) v[i] = 0.f;
+      for (int e = 0; e < VEC; ++e) v[e] = 0.f;
     }
-    put_floats<VEC>(buf + idx * kSlice + group * VEC, v);
+    const int r0 = static_cast<int>(sy * rep - y0), q0 = static_cast<int>(sx * rep - x0);
+    for (int r = std::max(r0, 0); r < std::min(r0 + rep, rows); ++r) {
+      for (int q = std::max(q0, 0); q < std::min(q0 + rep, cols); ++q) {
+        put_floats<VEC>(buf + (r * cols + q) * kSlice + group * VEC, v);
+      }
+    }
   }
 }
 
@@ -299,12 +415,14 @@ struct TileIndex {
 // ---- forward -----------------------------------------------------------------------------------
 
 // Grid: n * tiles_y * tiles_x * cblocks blocks of kThreads. Writes c and Welford partials
-// partials[(tile * 3 + {count, mean, m2}) * C + c] of the fp32 (unrounded) outputs.
+// partials[(tile * 3 + {count, mean, m2}) * C + c] of the fp32 (unrounded) outputs, and zeroes the
+// n_counters arrival counters of their merge.
 template <typename T, int K, int S>
 __global__ void __launch_bounds__(kThreads, kMinBlocks)
     forward_kernel(Geometry g, const T* __restrict__ a, const float* __restrict__ scale,
                    const float* __restrict__ shift, const float* __restrict__ weight, T* __restrict__ out,
-                   float* __restrict__ partials, bool vec) {
+                   float* __restrict__ partials, unsigned* __restrict__ counters, int64_t n_counters, bool vec) {
+  zero_merge_counters(counters, n_counters);
   float* win = shared_floats();
   float* tile_out = win + g.second_offset;
   const TileIndex ti(g, blockIdx.x);
@@ -373,7 +491,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
 // Tiles cover positions of a. For a conv-input position i (row or column) the output o that tap k
 // connects it to satisfies o * S - pad + k = i. U = 2 with upsample (S = 1): the kRun positions of
 // a thread are 2 x 2kRun conv-input positions, summed per 2 x 2 block. Grid as forward_kernel.
-// Writes g and partials[(tile * 2 + {sum g, sum g * (a - mean)}) * C + c] of the fp32 g.
+// Writes g and partials[(tile * 2 + {sum g, sum g * (a - mean)}) * C + c] of the fp32 g, and zeroes
+// the n_counters arrival counters of their merge.
 // With U = 2 and K >= 7 a thread's 2 x 2kRun accumulators and window columns exceed the 128-register
 // budget (152 bytes of spills per thread at K = 7 under kMinBlocks = 2): one block per SM instead.
 template <typename T, int K, int S, int U>
@@ -381,8 +500,9 @@ __global__ void __launch_bounds__(kThreads, (U == 2 && K >= 7) ? 1 : kMinBlocks)
     input_grad_kernel(Geometry g, const T* __restrict__ dc, const T* __restrict__ a,
                       const float* __restrict__ scale, const float* __restrict__ shift,
                       const float* __restrict__ mean_a, const float* __restrict__ weight, T* __restrict__ g_out,
-                      float* __restrict__ partials, bool vec) {
+                      float* __restrict__ partials, unsigned* __restrict__ counters, int64_t n_counters, bool vec) {
   static_assert(S == 1 || U == 1, "stride 2 with upsample is not supported");
+  zero_merge_counters(counters, n_counters);
   constexpr int P = K / 2;
   // Window columns a thread reads, relative to its run's first column (see the m loop below).
   constexpr int kCols = S == 1 ? U * kRun + K - 1 : (kRun - 1 + P) / 2 + (P + 1) / 2 + 1;
@@ -471,30 +591,33 @@ __global__ void __launch_bounds__(kThreads, (U == 2 && K >= 7) ? 1 : kMinBlocks)
 
 // ---- weight gradient ---------------------------------------------------------------------------
 
-// Grid: cblocks * ceil(K / KR) * chunks blocks, KR = tap_rows(K); block (cb, tap group, chunk) sums
-// tiles [chunk * tiles_per_chunk, +tiles_per_chunk) for tap rows [group * KR, +KR) and writes
-// partials[(chunk * K * K + ky * K + kx) * C + c].
+// Grid: cblocks * runs blocks; block (cb, run) sums tiles [run * tiles_per_run, +tiles_per_run) for
+// every tap and writes partials[(run * K * K + ky * K + kx) * C + c], and zeroes the n_counters
+// arrival counters of their merge. The warps split into tap_groups(K) groups of tap rows; every
+// group walks all of a tile's outputs, so each window is loaded (and BN + Swish evaluated) once.
 template <typename T, int K, int S>
 __global__ void __launch_bounds__(kThreads, kMinBlocks)
     weight_grad_kernel(Geometry g, const T* __restrict__ dc, const T* __restrict__ a,
                        const float* __restrict__ scale, const float* __restrict__ shift,
-                       float* __restrict__ partials, int64_t tiles_per_chunk, bool vec) {
+                       float* __restrict__ partials, unsigned* __restrict__ counters, int64_t n_counters, bool vec) {
   constexpr int KR = tap_rows(K);
-  constexpr int kGroups = (K + KR - 1) / KR;
+  constexpr int kGroupWarps = kWarps / tap_groups(K);
+  static_assert(kWarps % tap_groups(K) == 0, "tap groups must split the warps evenly");
+  zero_merge_counters(counters, n_counters);
   float* win = shared_floats();
   float* tile_dc = win + g.second_offset;
   const int64_t C = g.c;
   const int64_t cb = blockIdx.x % g.cblocks;
-  const int group = static_cast<int>((blockIdx.x / g.cblocks) % kGroups);
-  const int64_t chunk = blockIdx.x / g.cblocks / kGroups;
+  const int64_t run = blockIdx.x / g.cblocks;
   const int64_t c0 = cb * kSlice;
-  const int ky0 = group * KR;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int ky0 = warp / kGroupWarps * KR;  // the warp's first tap row
+  const int group_warp = warp % kGroupWarps;
   const int segs_x = g.tw / kRun;
 
   float acc[KR][K] = {};
-  const int64_t t_end = std::min<int64_t>((chunk + 1) * tiles_per_chunk, g.tiles());
-  for (int64_t tile = chunk * tiles_per_chunk; tile < t_end; ++tile) {
+  const int64_t t_end = std::min<int64_t>((run + 1) * g.tiles_per_run, g.tiles());
+  for (int64_t tile = run * g.tiles_per_run; tile < t_end; ++tile) {
     const int64_t tx = tile % g.tiles_x, rest = tile / g.tiles_x;
     const int64_t ty = rest % g.tiles_y, n = rest / g.tiles_y;
     const int64_t oy0 = ty * g.th, ox0 = tx * g.tw;
@@ -504,7 +627,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
     load_window(vec, dc + n * g.ho * g.wo * C, C, g.ho, g.wo, 0, c0, oy0, ox0, g.th, g.tw, nullptr, nullptr,
                 tile_dc);
     __syncthreads();
-    for (int seg = warp; seg < g.th * segs_x; seg += kWarps) {
+    for (int seg = group_warp; seg < g.th * segs_x; seg += kGroupWarps) {
       const int sy = seg / segs_x, sx = seg - sy * segs_x;
       float d[kRun];  // zero outside the output (the window load pads dc with zeros)
 #pragma unroll
@@ -526,25 +649,26 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
       }
     }
   }
-  __syncthreads();  // windows free: sum the warps' accumulators in warp order into win
-  for (int w = 0; w < kWarps; ++w) {
-    if (warp == w) {
+  // Windows free: each group's warps add their taps in warp order into win[(ky * K + kx) * kSlice + lane].
+  __syncthreads();
+  for (int w = 0; w < kGroupWarps; ++w) {
+    if (group_warp == w) {
 #pragma unroll
       for (int kr = 0; kr < KR; ++kr) {
+        const int ky = ky0 + kr;
+        if (ky >= K) break;
 #pragma unroll
         for (int kx = 0; kx < K; ++kx) {
-          float* s = win + (kr * K + kx) * kSlice + lane;
+          float* s = win + (ky * K + kx) * kSlice + lane;
           *s = (w == 0 ? 0.f : *s) + acc[kr][kx];
         }
       }
     }
     __syncthreads();
   }
-  for (int i = threadIdx.x; i < KR * K * kSlice; i += kThreads) {
-    const int ky = ky0 + i / (K * kSlice);
-    const int kx = (i / kSlice) % K;
+  for (int i = threadIdx.x; i < K * K * kSlice; i += kThreads) {
     const int64_t c = c0 + i % kSlice;
-    if (ky < K && c < C) partials[(chunk * K * K + ky * K + kx) * C + c] = win[i];
+    if (c < C) partials[(run * K * K + i / kSlice) * C + c] = win[i];
   }
 }
 

@@ -3,10 +3,47 @@
 #include "dwconv_stage_backward.cuh"
 
 namespace nvae {
+namespace {
+
+MergeLaunch describe(const MergePlan& m) {
+  MergeLaunch d;
+  d.parts = m.parts;
+  d.segments = m.segments;
+  d.seg_len = m.seg_len;
+  d.blocks = m.blocks();
+  d.serial_loads = m.serial_loads();
+  return d;
+}
+
+DwConvPassLaunch describe(dw::Pass pass, const dw::Geometry& g, const MergePlan& m) {
+  DwConvPassLaunch d;
+  d.blocks = g.blocks();
+  d.th = g.th;
+  d.tw = g.tw;
+  d.tiles = g.tiles();
+  d.tiles_per_block = g.tiles_per_run;
+  d.smem_bytes = g.smem_bytes;
+  d.evaluations = dw::evaluations_per_element(pass, g);
+  d.merge = describe(m);
+  return d;
+}
+
+}  // namespace
+
+DwConvStageLaunch dwconv_stage_launch_plan(const DwConvShape& shape, int sms) {
+  DwConvStageLaunch d;
+  if (!dw::supported(shape) || sms <= 0) return d;
+  const dw::ForwardPlan f = dw::forward_plan(shape, sms);
+  const dw::BackwardPlan b = dw::backward_plan(shape, sms);
+  d.forward = describe(dw::Pass::kForward, f.geo, f.merge);
+  d.input_grad = describe(dw::Pass::kInputGrad, b.input, b.input_merge);
+  d.weight_grad = describe(dw::Pass::kWeightGrad, b.weight, b.weight_merge);
+  return d;
+}
 
 size_t dwconv_stage_backward_workspace_bytes(const DwConvShape& shape) {
   if (!dw::supported(shape)) return 0;
-  return dw::backward_plan(shape).bytes;
+  return dw::backward_plan(shape, sm_count()).bytes;
 }
 
 cudaError_t dwconv_stage_backward(const void* dc, const void* a, DType dtype, const DwConvShape& shape,
@@ -14,10 +51,15 @@ cudaError_t dwconv_stage_backward(const void* dc, const void* a, DType dtype, co
                                   void* g, float* sums, float* dweight, void* workspace, size_t workspace_bytes,
                                   cudaStream_t stream) {
   if (!dw::supported(shape)) return cudaErrorInvalidValue;
-  const dw::BackwardPlan p = dw::backward_plan(shape);
+  const dw::BackwardPlan p = dw::backward_plan(shape, sm_count());
   if (workspace_bytes < p.bytes) return cudaErrorInvalidValue;
-  dw::BackwardArgs x{dc, a, dtype, scale, shift, mean_a, weight, g, static_cast<float*>(workspace),
-                     reinterpret_cast<float*>(static_cast<char*>(workspace) + p.weight_offset)};
+  char* ws = static_cast<char*>(workspace);
+  void* input_scratch = ws + p.input_scratch_offset;
+  void* weight_scratch = ws + p.weight_scratch_offset;
+  const dw::BackwardArgs x{dc, a, dtype, scale, shift, mean_a, weight, g, reinterpret_cast<float*>(ws),
+                           reinterpret_cast<float*>(ws + p.weight_offset), p.input_merge.counter_ptr(input_scratch),
+                           p.weight_merge.counter_ptr(weight_scratch), p.input_merge.counters(),
+                           p.weight_merge.counters()};
   cudaError_t err;
   switch (shape.k) {
     case 3: err = dw::launch_backward<3>(p, x, stream); break;
@@ -26,10 +68,16 @@ cudaError_t dwconv_stage_backward(const void* dc, const void* a, DType dtype, co
     default: err = dw::launch_backward<11>(p, x, stream); break;
   }
   if (err != cudaSuccess) return err;
-  err = launch_finalize_sums(x.input_partials, p.input.tiles(), 2, shape.c, sums, shape.c, 1, 1.f, stream);
+  MergeOut sums_out;  // (2, C): sum g, sum g * (a - mean_a)
+  sums_out.data = sums;
+  sums_out.fstride = shape.c;
+  err = launch_merge(x.input_partials, p.input_merge, input_scratch, sums_out, stream);
   if (err != cudaSuccess) return err;
-  const int taps = shape.k * shape.k;
-  return launch_finalize_sums(x.weight_partials, p.chunks, taps, shape.c, dweight, 1, taps, 1.f, stream);
+  MergeOut dweight_out;  // (C, K * K)
+  dweight_out.data = dweight;
+  dweight_out.fstride = 1;
+  dweight_out.cstride = shape.k * shape.k;
+  return launch_merge(x.weight_partials, p.weight_merge, weight_scratch, dweight_out, stream);
 }
 
 }  // namespace nvae

@@ -85,6 +85,32 @@ cudaError_t dwconv_stage_backward(const void* dc, const void* a, DType dtype, co
                                   void* g, float* sums, float* dweight, void* workspace, size_t workspace_bytes,
                                   cudaStream_t stream);
 
+// The launch plan of the depthwise stage on a device with `sms` multiprocessors: what each kernel
+// launches and how its partials are merged. Nothing is launched; tests and benchmarks read it.
+struct MergeLaunch {
+  int64_t parts = 0;         // partials per (field, channel)
+  int64_t segments = 0;      // level-1 runs (1: one level)
+  int64_t seg_len = 0;       // partials per run
+  int64_t blocks = 0;        // merge grid size
+  int64_t serial_loads = 0;  // values one thread merges one after another, both levels
+};
+
+struct DwConvPassLaunch {
+  int64_t blocks = 0;           // grid size
+  int th = 0, tw = 0;           // tile: outputs (forward, weight grad) or positions of a (input grad)
+  int64_t tiles = 0;            // over the batch
+  int64_t tiles_per_block = 0;  // > 1 only for the weight grad's runs
+  int64_t smem_bytes = 0;       // dynamic shared memory per block
+  double evaluations = 0.0;     // BN1 + Swish (or its derivative) evaluations per element of a
+  MergeLaunch merge;
+};
+
+struct DwConvStageLaunch {
+  DwConvPassLaunch forward, input_grad, weight_grad;
+};
+
+DwConvStageLaunch dwconv_stage_launch_plan(const DwConvShape& shape, int sms);
+
 // ---- Residual-normal latent groups (nvae_fast/ops/normal_kl.py) ------------------------------------
 //
 // Every tensor is a strided (N, C, H, W) view in `dtype` (element strides, any order, may overlap

@@ -4,8 +4,10 @@
 // threads, so __syncthreads() is a real barrier and a missing one can show up as a race. Dynamic
 // shared memory is filled with NaN before every block, so reading a value the block never wrote
 // poisons the result. Static __shared__ arrays become function statics (one block at a time).
-// Global memory is host memory: the tests pass CPU tensors' pointers. Warp-level intrinsics and
-// atomics are not emulated; the kernels under test use neither.
+// Global memory is host memory: the tests pass CPU tensors' pointers. Blocks never overlap, so the
+// last-block pattern of the merges (a fence, then an arrival counter) always finds the final block
+// of the grid last, and a memory-ordering mistake between blocks cannot show here: only a GPU can.
+// Warp-level intrinsics are not emulated; the kernels under test use none.
 #pragma once
 
 #define __shared__ static
@@ -36,6 +38,15 @@ template <typename T>
 inline T __ldg(const T* p) {
   return *p;
 }
+
+template <typename T>
+inline T __ldcg(const T* p) {
+  return *p;
+}
+
+inline unsigned atomicAdd(unsigned* p, unsigned v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
+
+inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 
 namespace nvae {
 
