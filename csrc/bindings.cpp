@@ -275,10 +275,12 @@ PYBIND11_MODULE(_C, m) {
 
   m.def(
       "dwconv_stage_launch_plan",
-      [](int64_t n, int64_t c, int64_t h, int64_t w, int k, int stride, bool upsample, int sms) {
+      [](int64_t n, int64_t c, int64_t h, int64_t w, int k, int stride, bool upsample, int sms,
+         int64_t smem_per_block) {
         if (sms <= 0) throw std::invalid_argument("sms must be positive");
+        if (smem_per_block < 48 * 1024) throw std::invalid_argument("smem_per_block must be at least 48 KiB");
         const nvae::DwConvShape shape = to_dw_shape(n, c, h, w, k, stride, upsample);
-        const nvae::DwConvStageLaunch plan = nvae::dwconv_stage_launch_plan(shape, sms);
+        const nvae::DwConvStageLaunch plan = nvae::dwconv_stage_launch_plan(shape, sms, smem_per_block);
         auto merge = [](const nvae::MergeLaunch& m) {
           py::dict d;
           d["parts"] = m.parts;
@@ -306,8 +308,9 @@ PYBIND11_MODULE(_C, m) {
         return out;
       },
       py::arg("n"), py::arg("c"), py::arg("h"), py::arg("w"), py::arg("k"), py::arg("stride"), py::arg("upsample"),
-      py::arg("sms"),
-      "The depthwise stage's launch plan on a device with `sms` multiprocessors (nothing is launched): per kernel "
+      py::arg("sms"), py::arg("smem_per_block"),
+      "The depthwise stage's launch plan on a device with `sms` multiprocessors and `smem_per_block` bytes of "
+      "dynamic shared memory per block (nothing is launched): per kernel "
       "grid blocks, tile, tiles per block, shared memory, BN1 + Swish evaluations per element of a, and the merge "
       "of its partials (runs, serial loads per thread).");
 

@@ -309,17 +309,6 @@ cudaError_t launch_elementwise(const void* x, const void* dy, void* out, DType d
 
 }  // namespace
 
-int sm_count() {
-  int device = 0;
-  int count = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || count <= 0) {
-    cudaGetLastError();  // clear, so the caller's launch reports its own error
-    return 1;
-  }
-  return count;
-}
-
 size_t bn_reduce_workspace_bytes(const ActShape& shape) {
   return std::max(reduce_plan<WelfordOp>(shape).bytes, reduce_plan<BackwardSumsOp>(shape).bytes);
 }

@@ -37,7 +37,6 @@ constexpr int kMinBlocks = 2;  // blocks per SM: a stated budget of 128 register
 constexpr int kWarps = kThreads / 32;
 constexpr int kSlice = 32;                  // channels per block, one per lane
 constexpr int kRun = 4;                     // outputs per thread along a row
-constexpr int kSmemBudget = 48 * 1024;      // dynamic shared memory per block, no opt-in needed
 constexpr int kMaxTileRows = 64;
 constexpr int kMaxTileCols = 32;
 
@@ -105,6 +104,15 @@ inline int scratch_positions(Pass pass, int k) {
 // idle warps counted as lost time.
 constexpr double kStageCost = 8.0;
 
+// What a plan needs to know of the device: multiprocessors, and the dynamic shared memory a block
+// may use with kMinBlocks blocks per multiprocessor (smem_per_block).
+struct DeviceLimits {
+  int sms;
+  int64_t smem_per_block;
+};
+
+inline DeviceLimits current_device() { return DeviceLimits{sm_count(), smem_per_block(kMinBlocks)}; }
+
 inline Geometry base_geometry(const DwConvShape& s) {
   Geometry g{};
   g.n = s.n;
@@ -124,12 +132,13 @@ inline Geometry base_geometry(const DwConvShape& s) {
 }
 
 // Chooses the tile (th, tw), and for the weight grad the runs of tiles per block, that minimise the
-// modelled time of the pass on `sms` multiprocessors holding kMinBlocks blocks each: a pass with
-// fewer blocks than that leaves multiprocessors idle, so small images get small tiles. The weight
-// grad sums runs of tiles per block into one partial; its runs fill one wave of blocks where the
-// tiles allow (the grid is then between sms and kMinBlocks * sms blocks, or more when the channel
-// blocks alone exceed it).
-inline Geometry plan(Pass pass, const DwConvShape& s, int sms) {
+// modelled time of the pass on the device's multiprocessors holding kMinBlocks blocks each: a pass
+// with fewer blocks than that leaves multiprocessors idle, so small images get small tiles, and the
+// largest tiles that fit the shared memory keep the halo (evaluated again by each neighbour) small.
+// The weight grad sums runs of tiles per block into one partial; its runs fill whole waves of
+// blocks where the tiles allow (at least one block per multiprocessor, or more when the channel
+// blocks alone exceed a wave).
+inline Geometry plan(Pass pass, const DwConvShape& s, const DeviceLimits& dev) {
   Geometry g = base_geometry(s);
   const int k = s.k;
   const int64_t span_y = pass == Pass::kInputGrad ? g.h : g.ho;
@@ -138,7 +147,7 @@ inline Geometry plan(Pass pass, const DwConvShape& s, int sms) {
   const double stage_cost = pass == Pass::kInputGrad ? kStageCost : kStageCost / (1 << (2 * g.up)) + 1.0;
   const int groups = pass == Pass::kWeightGrad ? tap_groups(k) : 1;
   const int scratch = scratch_positions(pass, k);
-  const int64_t capacity = static_cast<int64_t>(std::max(sms, 1)) * kMinBlocks;
+  const int64_t capacity = static_cast<int64_t>(std::max(dev.sms, 1)) * kMinBlocks;
   double best = std::numeric_limits<double>::infinity();
   for (int tw = kRun; tw <= kMaxTileCols; tw *= 2) {
     if (tw > kRun && tw / 2 >= span_x) break;  // the previous width already spans the image
@@ -148,7 +157,7 @@ inline Geometry plan(Pass pass, const DwConvShape& s, int sms) {
       window_dims(pass, k, s.stride, g.up, th, tw, win_h, win_w);
       const int64_t first = std::max<int64_t>(static_cast<int64_t>(win_h) * win_w, scratch);
       const int64_t bytes = (first + th * tw) * kSlice * static_cast<int64_t>(sizeof(float));
-      if (bytes > kSmemBudget) break;
+      if (bytes > dev.smem_per_block) break;
       const int64_t tiles = s.n * ceil_div(span_y, th) * ceil_div(span_x, tw);
       const int busy_warps = static_cast<int>(std::min<int64_t>(th * tw / kRun, kWarps / groups)) * groups;
       const double tile_cost = stage_cost * win_h * win_w +
@@ -217,9 +226,9 @@ struct ForwardPlan {
   size_t scratch_offset, bytes;
 };
 
-inline ForwardPlan forward_plan(const DwConvShape& s, int sms) {
+inline ForwardPlan forward_plan(const DwConvShape& s, const DeviceLimits& dev) {
   ForwardPlan p;
-  p.geo = plan(Pass::kForward, s, sms);
+  p.geo = plan(Pass::kForward, s, dev);
   p.merge = merge_plan(p.geo.tiles(), 3, s.c, true);
   p.scratch_offset = aligned_bytes(p.geo.tiles() * 3 * s.c * static_cast<int64_t>(sizeof(float)));
   p.bytes = p.scratch_offset + p.merge.scratch_bytes();
@@ -232,10 +241,10 @@ struct BackwardPlan {
   size_t input_scratch_offset, weight_offset, weight_scratch_offset, bytes;
 };
 
-inline BackwardPlan backward_plan(const DwConvShape& s, int sms) {
+inline BackwardPlan backward_plan(const DwConvShape& s, const DeviceLimits& dev) {
   BackwardPlan p;
-  p.input = plan(Pass::kInputGrad, s, sms);
-  p.weight = plan(Pass::kWeightGrad, s, sms);
+  p.input = plan(Pass::kInputGrad, s, dev);
+  p.weight = plan(Pass::kWeightGrad, s, dev);
   p.input_merge = merge_plan(p.input.tiles(), 2, s.c, false);
   p.weight_merge = merge_plan(p.weight.runs, s.k * s.k, s.c, false);
   const int64_t f = sizeof(float);

@@ -30,11 +30,12 @@ DwConvPassLaunch describe(dw::Pass pass, const dw::Geometry& g, const MergePlan&
 
 }  // namespace
 
-DwConvStageLaunch dwconv_stage_launch_plan(const DwConvShape& shape, int sms) {
+DwConvStageLaunch dwconv_stage_launch_plan(const DwConvShape& shape, int sms, int64_t smem_per_block) {
   DwConvStageLaunch d;
-  if (!dw::supported(shape) || sms <= 0) return d;
-  const dw::ForwardPlan f = dw::forward_plan(shape, sms);
-  const dw::BackwardPlan b = dw::backward_plan(shape, sms);
+  if (!dw::supported(shape) || sms <= 0 || smem_per_block < static_cast<int64_t>(kDefaultSmem)) return d;
+  const dw::DeviceLimits dev{sms, smem_per_block};
+  const dw::ForwardPlan f = dw::forward_plan(shape, dev);
+  const dw::BackwardPlan b = dw::backward_plan(shape, dev);
   d.forward = describe(dw::Pass::kForward, f.geo, f.merge);
   d.input_grad = describe(dw::Pass::kInputGrad, b.input, b.input_merge);
   d.weight_grad = describe(dw::Pass::kWeightGrad, b.weight, b.weight_merge);
@@ -43,7 +44,7 @@ DwConvStageLaunch dwconv_stage_launch_plan(const DwConvShape& shape, int sms) {
 
 size_t dwconv_stage_backward_workspace_bytes(const DwConvShape& shape) {
   if (!dw::supported(shape)) return 0;
-  return dw::backward_plan(shape, sm_count()).bytes;
+  return dw::backward_plan(shape, dw::current_device()).bytes;
 }
 
 cudaError_t dwconv_stage_backward(const void* dc, const void* a, DType dtype, const DwConvShape& shape,
@@ -51,7 +52,7 @@ cudaError_t dwconv_stage_backward(const void* dc, const void* a, DType dtype, co
                                   void* g, float* sums, float* dweight, void* workspace, size_t workspace_bytes,
                                   cudaStream_t stream) {
   if (!dw::supported(shape)) return cudaErrorInvalidValue;
-  const dw::BackwardPlan p = dw::backward_plan(shape, sm_count());
+  const dw::BackwardPlan p = dw::backward_plan(shape, dw::current_device());
   if (workspace_bytes < p.bytes) return cudaErrorInvalidValue;
   char* ws = static_cast<char*>(workspace);
   void* input_scratch = ws + p.input_scratch_offset;

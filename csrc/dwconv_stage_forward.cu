@@ -29,14 +29,14 @@ cudaError_t launch_forward(const Geometry& g, const ForwardArgs& x, bool vec, cu
 
 size_t dwconv_stage_forward_workspace_bytes(const DwConvShape& shape) {
   if (!dw::supported(shape)) return 0;
-  return dw::forward_plan(shape, sm_count()).bytes;
+  return dw::forward_plan(shape, dw::current_device()).bytes;
 }
 
 cudaError_t dwconv_stage_forward(const void* a, DType dtype, const DwConvShape& shape, const float* scale,
                                  const float* shift, const float* weight, void* c, float* mean_c, float* var_c,
                                  void* workspace, size_t workspace_bytes, cudaStream_t stream) {
   if (!dw::supported(shape)) return cudaErrorInvalidValue;
-  const ForwardPlan p = dw::forward_plan(shape, sm_count());
+  const ForwardPlan p = dw::forward_plan(shape, dw::current_device());
   if (workspace_bytes < p.bytes) return cudaErrorInvalidValue;
   const Geometry& g = p.geo;
   void* scratch = static_cast<char*>(workspace) + p.scratch_offset;

@@ -85,8 +85,10 @@ cudaError_t dwconv_stage_backward(const void* dc, const void* a, DType dtype, co
                                   void* g, float* sums, float* dweight, void* workspace, size_t workspace_bytes,
                                   cudaStream_t stream);
 
-// The launch plan of the depthwise stage on a device with `sms` multiprocessors: what each kernel
-// launches and how its partials are merged. Nothing is launched; tests and benchmarks read it.
+// The launch plan of the depthwise stage on a device with `sms` multiprocessors where a block may
+// use `smem_per_block` bytes of dynamic shared memory (at least 48 KiB; the kernels take what lets
+// two blocks share a multiprocessor: 81 KiB on sm_80, 113 KiB on sm_90): what each kernel launches
+// and how its partials are merged. Nothing is launched; tests and benchmarks read it.
 struct MergeLaunch {
   int64_t parts = 0;         // partials per (field, channel)
   int64_t segments = 0;      // level-1 runs (1: one level)
@@ -109,7 +111,7 @@ struct DwConvStageLaunch {
   DwConvPassLaunch forward, input_grad, weight_grad;
 };
 
-DwConvStageLaunch dwconv_stage_launch_plan(const DwConvShape& shape, int sms);
+DwConvStageLaunch dwconv_stage_launch_plan(const DwConvShape& shape, int sms, int64_t smem_per_block);
 
 // ---- Residual-normal latent groups (nvae_fast/ops/normal_kl.py) ------------------------------------
 //

@@ -10,7 +10,7 @@ namespace {
 // results in row order.
 constexpr int kLanes = kMergeLanes;
 constexpr int kRows = kMergeRows;
-constexpr int64_t kOneLevel = 2 * kRows;  // up to this many partials, a single run (two values per row)
+constexpr int64_t kOneLevel = kRows;  // up to this many partials, a single run (one value per row)
 
 struct WelfordFields {
   using State = Welford;

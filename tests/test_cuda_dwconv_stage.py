@@ -4,8 +4,12 @@ Kernel results are compared with the contract's references on a GPU, or in the C
 csrc/ (see cuda_targets.py); argument errors are checked on the CPU, before any launch.
 """
 
+import importlib
+import math
 import os
 import random
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,8 +19,8 @@ from nvae_fast.kernels.cuda import common
 from nvae_fast.kernels.cuda import dwconv_stage as dw
 from nvae_fast.ops.dwconv_stage import dwconv_stage_backward_ref, dwconv_stage_forward_ref
 
-from conftest import requires_cuda
-from cuda_targets import kernel_device  # noqa: F401  (fixture)
+from conftest import HAS_CUDA, requires_cuda
+from cuda_targets import kernel_device, use_emulation  # noqa: F401  (fixture)
 from tolerances import assert_close
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -111,6 +115,101 @@ def test_reductions_are_deterministic(kernel_device):
 def test_cuda_model_shapes(shape, upsample, dtype):
     """The decoder's shapes (and an up-cell), where tiles, chunks and partial counts are large."""
     _check_against_reference(shape, 5, 1, upsample, dtype, "cuda")
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch plans at the presets' shapes (host code only: counted, not timed)
+# ---------------------------------------------------------------------------------------------
+
+H200_SMS = 132
+H200 = dict(sms=H200_SMS, smem_per_block=228 * 1024 // 2 - 1024)  # two blocks per multiprocessor
+A100 = dict(sms=108, smem_per_block=164 * 1024 // 2 - 1024)
+PRESETS = ("cifar10", "celeba_64", "imagenet_32", "celeba_256", "ffhq", "mnist")
+
+
+def _preset_stage_shapes():
+    """(preset, (N, C, H, W), k, upsample) of the depthwise stage of every fused cell of the presets."""
+    bench = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    import sys
+
+    sys.path.insert(0, bench)
+    try:
+        preset_shapes = importlib.import_module("preset_shapes")
+    finally:
+        sys.path.remove(bench)
+    from nvae_fast import NVAEConfig
+
+    shapes = set()
+    for preset in PRESETS:
+        cells, _ = preset_shapes.model_shapes(NVAEConfig.preset(preset), preset_shapes.PRESET_BATCH[preset])
+        for cell in cells:
+            for op in cell.ops:
+                m = re.fullmatch(r"mconv_e(\d+)k(\d+)g0", op)
+                if m:
+                    shape = (cell.batch, cell.c_in * int(m.group(1)), cell.height, cell.width)
+                    shapes.add((preset, shape, int(m.group(2)), cell.cell_type.startswith("up")))
+    return sorted(shapes)
+
+
+@pytest.fixture
+def plan_ext(monkeypatch):
+    """The launch plans come from host code: the GPU build where there is one, else the emulated build."""
+    if not HAS_CUDA:
+        use_emulation(monkeypatch)
+
+
+def test_launch_plans_fill_an_h200_at_every_preset_shape(plan_ext):
+    """Every kernel of the stage launches at least one block per multiprocessor of an H200 at every
+    preset's shapes; the weight grad sums all K * K taps in one block (no grid dimension over taps);
+    BN1 + Swish is evaluated at most twice per element of a (once, plus the halos the tiles share);
+    no merge walks more than a handful of partials one after another."""
+    shapes = _preset_stage_shapes()
+    assert len(shapes) > 20
+    for preset, shape, k, upsample in shapes:
+        plan = dw.launch_plan(shape, k, 1, upsample, **H200)
+        where = f"{preset} {shape} k={k} upsample={upsample}: {plan}"
+        cblocks = math.ceil(shape[1] / 32)
+        for name in ("forward", "input_grad", "weight_grad"):
+            p = plan[name]
+            assert p["blocks"] >= H200_SMS, where
+            assert p["blocks"] == cblocks * math.ceil(p["tiles"] / p["tiles_per_block"]), where
+            assert p["smem_bytes"] <= H200["smem_per_block"], where
+            assert p["merge"]["serial_loads"] <= 12, where
+        assert plan["input_grad"]["evaluations_per_element"] == 1.0, where
+        assert plan["forward"]["evaluations_per_element"] < 2.0, where
+        assert plan["weight_grad"]["evaluations_per_element"] < 2.0, where
+        assert plan["forward"]["merge"]["parts"] == plan["forward"]["tiles"], where
+        assert plan["weight_grad"]["merge"]["parts"] == plan["weight_grad"]["blocks"] // cblocks, where
+
+
+@pytest.mark.parametrize("k", dw.KERNEL_SIZES)
+def test_weight_grad_fills_the_device_on_small_problems(k, plan_ext):
+    """A batch of one small image still spreads the weight grad over the device (smaller tiles),
+    and an 11 x 11 filter still takes all 121 taps in one block."""
+    plan = dw.launch_plan((1, 64, 16, 16), k, **H200)["weight_grad"]
+    assert plan["blocks"] >= 16 * 2, plan
+    assert plan["blocks"] == 2 * math.ceil(plan["tiles"] / plan["tiles_per_block"]), plan
+
+
+def test_merges_scale_with_the_number_of_partials(plan_ext):
+    """Thousands of partials per channel merge in two levels of about sqrt(P) each."""
+    plan = dw.launch_plan((64, 32, 256, 256), 5, **H200)["forward"]
+    merge = plan["merge"]
+    assert merge["parts"] == plan["tiles"] > 10_000
+    assert merge["segments"] * merge["seg_len"] >= merge["parts"] > (merge["segments"] - 1) * merge["seg_len"]
+    assert merge["serial_loads"] <= 2 * math.ceil(math.sqrt(merge["parts"]) / 8) + 2
+    assert dw.launch_plan((1, 32, 4, 4), 3, **H200)["forward"]["merge"]["segments"] == 1
+
+
+def test_launch_plan_arguments(plan_ext):
+    with pytest.raises(ValueError, match="sms must be a positive int"):
+        dw.launch_plan((1, 4, 4, 4), 3, sms=0, smem_per_block=49152)
+    with pytest.raises(ValueError, match="smem_per_block must be an int of at least 48 KiB"):
+        dw.launch_plan((1, 4, 4, 4), 3, sms=1, smem_per_block=1024)
+    with pytest.raises(ValueError, match="k must be one of"):
+        dw.launch_plan((1, 4, 4, 4), 4, **H200)
+    with pytest.raises(ValueError, match="shape must be 4 positive ints"):
+        dw.launch_plan((1, 4, 4), 3, **H200)
 
 
 # ---------------------------------------------------------------------------------------------

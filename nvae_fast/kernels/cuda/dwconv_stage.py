@@ -132,3 +132,33 @@ def dwconv_stage_backward(dc: Tensor, a: Tensor, scale: Tensor, shift: Tensor, m
                               stream)
     # Custom ops may not return outputs that share storage: the kernel writes one (2, C) block.
     return g, sums[0], sums[1].clone(), dweight
+
+
+def launch_plan(shape: tuple[int, int, int, int], k: int, stride: int = 1, upsample: bool = False, *,
+                sms: int, smem_per_block: int) -> dict[str, dict]:
+    """What the stage's kernels launch for a of ``shape`` (N, C, H, W) on a device with ``sms``
+    multiprocessors (``torch.cuda.get_device_properties(d).multi_processor_count``) where a block may
+    use ``smem_per_block`` bytes of dynamic shared memory, at least 48 KiB (the kernels take what lets
+    two blocks share a multiprocessor: half its shared memory less 1 KiB reserved per block, 81 KiB on
+    an A100, 113 KiB on an H100/H200). Nothing runs.
+
+    Returns ``{"forward" | "input_grad" | "weight_grad": {"blocks", "tile", "tiles", "tiles_per_block",
+    "smem_bytes", "evaluations_per_element", "merge": {"parts", "segments", "seg_len", "blocks",
+    "serial_loads"}}}``: the grid, the tile (outputs; positions of a for the input grad), how many
+    tiles one block sums (the weight grad's runs), its dynamic shared memory, the BN1 + Swish (or
+    derivative) evaluations per element of a including the halos, and the two-level merge of the
+    pass's partials (``serial_loads``: values one thread merges one after another).
+    """
+    if len(shape) != 4 or any(not isinstance(d, int) or d <= 0 for d in shape):
+        raise ValueError(f"shape must be 4 positive ints (N, C, H, W), got {shape}")
+    if k not in KERNEL_SIZES:
+        raise ValueError(f"k must be one of {KERNEL_SIZES}, got {k}")
+    if stride not in (1, 2):
+        raise ValueError(f"stride must be 1 or 2, got {stride}")
+    if upsample and stride != 1:
+        raise ValueError("upsample requires stride 1 (stride 2 with upsample is not a cell of NVAE)")
+    if not isinstance(sms, int) or sms <= 0:
+        raise ValueError(f"sms must be a positive int, got {sms}")
+    if not isinstance(smem_per_block, int) or smem_per_block < 48 * 1024:
+        raise ValueError(f"smem_per_block must be an int of at least 48 KiB (49152), got {smem_per_block}")
+    return common.ext().dwconv_stage_launch_plan(*shape, k, stride, bool(upsample), sms, smem_per_block)
