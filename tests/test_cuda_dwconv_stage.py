@@ -5,10 +5,12 @@ csrc/ (see cuda_targets.py); argument errors are checked on the CPU, before any 
 """
 
 import importlib
+import json
 import math
 import os
 import random
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -127,11 +129,14 @@ A100 = dict(sms=108, smem_per_block=164 * 1024 // 2 - 1024)
 PRESETS = ("cifar10", "celeba_64", "imagenet_32", "celeba_256", "ffhq", "mnist")
 
 
-def _preset_stage_shapes():
-    """(preset, (N, C, H, W), k, upsample) of the depthwise stage of every fused cell of the presets."""
-    bench = str(Path(__file__).resolve().parents[1] / "benchmarks")
-    import sys
+PRESET_SHAPES = Path(__file__).resolve().parent / "fixtures" / "dwconv_stage_preset_shapes.json"
 
+
+def _preset_stage_shapes(presets=PRESETS):
+    """(preset, (N, C, H, W), k, upsample) of the depthwise stage of every fused cell of the presets,
+    read off the models by benchmarks/preset_shapes.py (seconds per preset on the meta device; built
+    without the latent samplers' normalizing flows, which hold no cells and take most of that time)."""
+    bench = str(Path(__file__).resolve().parents[1] / "benchmarks")
     sys.path.insert(0, bench)
     try:
         preset_shapes = importlib.import_module("preset_shapes")
@@ -140,8 +145,9 @@ def _preset_stage_shapes():
     from nvae_fast import NVAEConfig
 
     shapes = set()
-    for preset in PRESETS:
-        cells, _ = preset_shapes.model_shapes(NVAEConfig.preset(preset), preset_shapes.PRESET_BATCH[preset])
+    for preset in presets:
+        config = NVAEConfig.preset(preset, num_nf=0)
+        cells, _ = preset_shapes.model_shapes(config, preset_shapes.PRESET_BATCH[preset])
         for cell in cells:
             for op in cell.ops:
                 m = re.fullmatch(r"mconv_e(\d+)k(\d+)g0", op)
@@ -149,6 +155,18 @@ def _preset_stage_shapes():
                     shape = (cell.batch, cell.c_in * int(m.group(1)), cell.height, cell.width)
                     shapes.add((preset, shape, int(m.group(2)), cell.cell_type.startswith("up")))
     return sorted(shapes)
+
+
+def _fixture_stage_shapes():
+    """The same list for every preset, as stored in tests/fixtures (regenerate with
+    ``_preset_stage_shapes()`` when the presets change; the mnist entries are checked live)."""
+    presets = json.loads(PRESET_SHAPES.read_text())["presets"]
+    return sorted((p, tuple(e["a"]), e["k"], e["upsample"]) for p, entries in presets.items() for e in entries)
+
+
+def test_preset_shapes_fixture_matches_the_models():
+    assert set(p for p, *_ in _fixture_stage_shapes()) == set(PRESETS)
+    assert [s for s in _fixture_stage_shapes() if s[0] == "mnist"] == _preset_stage_shapes(("mnist",))
 
 
 @pytest.fixture
@@ -163,7 +181,7 @@ def test_launch_plans_fill_an_h200_at_every_preset_shape(plan_ext):
     preset's shapes; the weight grad sums all K * K taps in one block (no grid dimension over taps);
     BN1 + Swish is evaluated at most twice per element of a (once, plus the halos the tiles share);
     no merge walks more than a handful of partials one after another."""
-    shapes = _preset_stage_shapes()
+    shapes = _fixture_stage_shapes()
     assert len(shapes) > 20
     for preset, shape, k, upsample in shapes:
         plan = dw.launch_plan(shape, k, 1, upsample, **H200)
