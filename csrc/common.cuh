@@ -26,6 +26,23 @@ __device__ __forceinline__ __half from_float<__half>(float v) { return __float2h
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
+// Element i of a vector whose dtype is known only at run time (parameters, running statistics).
+__device__ __forceinline__ float load_as(DType dtype, const void* p, int64_t i) {
+  switch (dtype) {
+    case DType::kFloat16: return to_float(static_cast<const __half*>(p)[i]);
+    case DType::kBFloat16: return to_float(static_cast<const __nv_bfloat16*>(p)[i]);
+    default: return static_cast<const float*>(p)[i];
+  }
+}
+
+__device__ __forceinline__ void store_as(DType dtype, void* p, int64_t i, float v) {
+  switch (dtype) {
+    case DType::kFloat16: static_cast<__half*>(p)[i] = from_float<__half>(v); break;
+    case DType::kBFloat16: static_cast<__nv_bfloat16*>(p)[i] = from_float<__nv_bfloat16>(v); break;
+    default: static_cast<float*>(p)[i] = v; break;
+  }
+}
+
 // N elements of T moved by one instruction (16 bytes for N = 16 / sizeof(T)).
 template <typename T, int N>
 struct alignas(sizeof(T) * N) Vec {

@@ -8,34 +8,24 @@
 namespace nvae {
 namespace dw {
 
+// The two kernels' arguments: the same tensors and parameters, their own partials and counters.
 struct BackwardArgs {
-  const void* dc;
-  const void* a;
+  StageArgs input, weight;
   DType dtype;
-  const float *scale, *shift, *mean_a, *weight;
-  void* g;
-  float* input_partials;   // (tiles, 2, C)
-  float* weight_partials;  // (runs, K * K, C)
-  unsigned *input_counters, *weight_counters;
-  int64_t n_input_counters, n_weight_counters;
 };
 
 template <typename T, int K, int S, int U>
-cudaError_t launch_input_grad(const Geometry& g, const BackwardArgs& x, bool vec, cudaStream_t stream) {
+cudaError_t launch_input_grad(const Geometry& g, const StageArgs& x, bool vec, cudaStream_t stream) {
   if (g.blocks() > 0x7fffffff) return cudaErrorInvalidConfiguration;
   return launch(input_grad_kernel<T, K, S, U>, dim3(static_cast<unsigned>(g.blocks())), dim3(kThreads),
-                static_cast<size_t>(g.smem_bytes), stream, g, static_cast<const T*>(x.dc), static_cast<const T*>(x.a),
-                x.scale, x.shift, x.mean_a, x.weight, static_cast<T*>(x.g), x.input_partials, x.input_counters,
-                x.n_input_counters, vec);
+                static_cast<size_t>(g.smem_bytes), stream, g, x, vec);
 }
 
 template <typename T, int K, int S>
-cudaError_t launch_weight_grad(const Geometry& g, const BackwardArgs& x, bool vec, cudaStream_t stream) {
+cudaError_t launch_weight_grad(const Geometry& g, const StageArgs& x, bool vec, cudaStream_t stream) {
   if (g.blocks() > 0x7fffffff) return cudaErrorInvalidConfiguration;
   return launch(weight_grad_kernel<T, K, S>, dim3(static_cast<unsigned>(g.blocks())), dim3(kThreads),
-                static_cast<size_t>(g.smem_bytes), stream, g, static_cast<const T*>(x.dc),
-                static_cast<const T*>(x.a), x.scale, x.shift, x.weight_partials, x.weight_counters,
-                x.n_weight_counters, vec);
+                static_cast<size_t>(g.smem_bytes), stream, g, x, vec);
 }
 
 // Both backward kernels for kernel size K (the merges are launched by the caller).
@@ -43,14 +33,15 @@ template <int K>
 cudaError_t launch_backward(const BackwardPlan& p, const BackwardArgs& x, cudaStream_t stream) {
   cudaError_t err = cudaSuccess;
   NVAE_DISPATCH_DTYPE(x.dtype, T, {
-    const bool vec = pick_vec<T>(p.input.c, {x.dc, x.a, x.g}) > 1;
+    const StageArgs& in = x.input;
+    const bool vec = pick_vec<T>(p.input.c, {in.dc, in.z, in.a, in.out}) > 1;
     if (p.input.stride == 2) {
-      err = launch_input_grad<T, K, 2, 1>(p.input, x, vec, stream);
-      if (err == cudaSuccess) err = launch_weight_grad<T, K, 2>(p.weight, x, vec, stream);
+      err = launch_input_grad<T, K, 2, 1>(p.input, in, vec, stream);
+      if (err == cudaSuccess) err = launch_weight_grad<T, K, 2>(p.weight, x.weight, vec, stream);
     } else {
-      err = p.input.up ? launch_input_grad<T, K, 1, 2>(p.input, x, vec, stream)
-                       : launch_input_grad<T, K, 1, 1>(p.input, x, vec, stream);
-      if (err == cudaSuccess) err = launch_weight_grad<T, K, 1>(p.weight, x, vec, stream);
+      err = p.input.up ? launch_input_grad<T, K, 1, 2>(p.input, in, vec, stream)
+                       : launch_input_grad<T, K, 1, 1>(p.input, in, vec, stream);
+      if (err == cudaSuccess) err = launch_weight_grad<T, K, 1>(p.weight, x.weight, vec, stream);
     }
   });
   return err;

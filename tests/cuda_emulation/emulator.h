@@ -36,6 +36,7 @@ void __syncthreads();
 
 inline float __expf(float x) { return std::exp(x); }
 inline float __fdividef(float x, float y) { return x / y; }
+inline float rsqrtf(float x) { return 1.f / std::sqrt(x); }
 
 template <typename T>
 inline T __ldg(const T* p) {
