@@ -157,16 +157,28 @@ def _sample(args: argparse.Namespace) -> int:
     model, _ = _load(args, rt)
     torch.manual_seed(args.seed)
     if args.readjust_bn:
-        print(f"re-estimating BatchNorm statistics on {args.readjust_bn_iters} sample batches at t={args.temp}")
-        model.readjust_bn(num_samples=args.batch_size, t=args.temp, iterations=args.readjust_bn_iters)
+        print(f"re-estimating BatchNorm statistics on {args.readjust_bn_iters} batches of "
+              f"{args.readjust_bn_batch_size} samples at t={args.temp}")
+        model.readjust_bn(num_samples=args.readjust_bn_batch_size, t=args.temp, iterations=args.readjust_bn_iters)
     images = generate(model, args.num_samples, args.temp, args.batch_size, amp_dtype(args.amp, rt.device),
-                      progress=True)
+                      progress=True, decoder_temp=args.decoder_temp)
     out = Path(args.output)
     scale = max(1, 256 // (int(args.num_samples ** 0.5 + 0.999) * model.config.image_size))
     png, npz = write_samples(images, out.parent if out.suffix else out,
                              name=out.stem if out.suffix else "samples", scale=scale)
     print(f"{args.num_samples} samples at t={args.temp}: {png} and {npz}")
     return 0
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type: a finite number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {value}")
+    return value
 
 
 def _add_load_args(p: argparse.ArgumentParser) -> None:
@@ -208,11 +220,17 @@ def build_parser() -> argparse.ArgumentParser:
     sa = sub.add_parser("sample", help="draw images from a checkpoint: a PNG grid and an .npz")
     _add_load_args(sa)
     sa.add_argument("--num_samples", type=positive_int, default=64, help="number of images")
-    sa.add_argument("--temp", type=positive_float, default=0.7, help="temperature of the prior")
+    sa.add_argument("--temp", type=non_negative_float, default=0.7,
+                    help="temperature of the prior (0: decode the prior means)")
+    sa.add_argument("--decoder_temp", type=positive_float, default=1.0,
+                    help="temperature of the output distribution's sample (default 1, as the official "
+                         "evaluate.py; give --temp's value to sample it at the prior's temperature)")
     sa.add_argument("--batch_size", type=positive_int, default=64, help="images per forward pass")
     sa.add_argument("--readjust_bn", action="store_true",
                     help="re-estimate BatchNorm statistics on samples at this temperature first")
     sa.add_argument("--readjust_bn_iters", type=positive_int, default=500, help="sampling passes of --readjust_bn")
+    sa.add_argument("--readjust_bn_batch_size", type=positive_int, default=16,
+                    help="samples per pass of --readjust_bn (default 16, as the official evaluate.py)")
     sa.add_argument("--output", default="samples",
                     help="directory for samples.png and samples.npz, or a file name whose stem names both "
                          "(default: ./samples)")

@@ -45,8 +45,9 @@ class NVAE(nn.Module):
     Build: ``NVAE(NVAEConfig.preset("cifar10"))``, ``NVAE.from_preset("tiny_cifar10")``,
     ``NVAE.from_official_args(namespace)`` or ``NVAE.load_official_checkpoint(path)``.
 
-    Attributes kept from the official model: ``crop_output``, ``num_latent_scales``,
-    ``groups_per_scale``, ``vanilla_vae``, ``z0_size``.
+    Every public attribute of the official ``AutoEncoder`` is here, read-only (see "Attributes of
+    the official model" below), except its construction helpers ``init_*`` (they build new, freshly
+    initialised modules: calling one on a built model has no use).
     """
 
     def __init__(self, config: NVAEConfig) -> None:
@@ -299,11 +300,14 @@ class NVAE(nn.Module):
     def sample(self, num_samples: int, t: float = 1.0) -> Tensor:
         """Logits of ``num_samples`` images drawn from the prior at temperature ``t`` (which
         scales every prior's standard deviation), on the model's device and in its dtype (autocast
-        applies as usual). Decode them with :meth:`decoder_output`."""
+        applies as usual). Decode them with :meth:`decoder_output`.
+
+        ``t = 0`` decodes the prior means (each group's mean given the groups above it), as the
+        official model does; it draws the same noise as any other temperature, multiplied by 0."""
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
-        if not t > 0:
-            raise ValueError(f"t (temperature) must be positive, got {t}")
+        if not 0 <= t < float("inf"):
+            raise ValueError(f"t (temperature) must be a finite number >= 0, got {t}")
         param = self.prior_ftr0
         z0 = normal_sample(None, None, torch.randn(num_samples, *self.z0_size, device=param.device,
                                                    dtype=param.dtype), t)
@@ -356,7 +360,8 @@ class NVAE(nn.Module):
         """Sum of the largest singular values of all convolution weights (as matrices C_out x rest).
 
         Power iteration, batched over the weights of one shape: 4 iterations per call, 40 on the
-        first call for a shape; the singular vectors persist between calls on the weights' device
+        first call for a shape, which draws the start vectors from the CPU random generator (as
+        the official model); the singular vectors persist between calls on the weights' device
         (not in the state_dict). Differentiable in the weights (the vectors are constants).
         """
         by_shape: dict[torch.Size, list[Tensor]] = {}
@@ -397,10 +402,11 @@ class NVAE(nn.Module):
         num, rows, cols = weights.shape
         u, v = self._sr_u.get(shape), self._sr_v.get(shape)
         if u is None or u.shape[0] != num:
-            u = F.normalize(torch.randn(num, rows, device=weights.device, dtype=weights.dtype), dim=1,
-                            eps=POWER_ITER_EPS)
-            v = F.normalize(torch.randn(num, cols, device=weights.device, dtype=weights.dtype), dim=1,
-                            eps=POWER_ITER_EPS)
+            # As the official model: standard-normal float32 draws from the CPU generator (u, then
+            # v, shape by shape in module order), whatever the weights' device, so that a seed
+            # gives the same vectors on any device.
+            u = F.normalize(torch.randn(num, rows).to(weights), dim=1, eps=POWER_ITER_EPS)
+            v = F.normalize(torch.randn(num, cols).to(weights), dim=1, eps=POWER_ITER_EPS)
             return u, v, 10 * NUM_POWER_ITER
         return u.to(weights), v.to(weights), NUM_POWER_ITER
 
@@ -411,3 +417,139 @@ class NVAE(nn.Module):
             if bn.affine:
                 total = total + bn.weight.abs().max()
         return total
+
+    # -----------------------------------------------------------------------------------------
+    # Attributes of the official model (read-only; user scripts written for it read them)
+    # -----------------------------------------------------------------------------------------
+
+    @property
+    def all_conv_layers(self) -> list[Conv2D | ARConv2d]:
+        """Every convolution, in module order (as :meth:`conv_layers`)."""
+        return self.conv_layers()
+
+    @property
+    def all_bn_layers(self) -> list[_BatchNorm]:
+        """Every BatchNorm, in module order (as :meth:`bn_layers`)."""
+        return self.bn_layers()
+
+    @property
+    def all_log_norm(self) -> list[Tensor | None]:
+        """The ``log_weight_norm`` parameter of each of :attr:`all_conv_layers` (None without weight
+        normalisation)."""
+        return [conv.log_weight_norm for conv in self.conv_layers()]
+
+    @property
+    def sr_u(self) -> dict[torch.Size, Tensor]:
+        """Left power-iteration vectors of :meth:`spectral_norm_parallel`, per weight-matrix shape
+        (the live dict: empty until the first call; clearing it restarts the iteration)."""
+        return self._sr_u
+
+    @property
+    def sr_v(self) -> dict[torch.Size, Tensor]:
+        """Right power-iteration vectors, as :attr:`sr_u`."""
+        return self._sr_v
+
+    @property
+    def num_power_iter(self) -> int:
+        """Power iterations per call of :meth:`spectral_norm_parallel` (10x on the first call)."""
+        return NUM_POWER_ITER
+
+    @property
+    def arch_instance(self) -> dict[str, list[str]]:
+        """Cell type -> operations, as the official ``utils.get_arch_cells`` (a copy)."""
+        cells = {name: list(ops) for name, ops in self.config.arch_cells.items()}
+        cells["ar_nn"] = [""]
+        return cells
+
+    @property
+    def dataset(self) -> str:
+        return self.config.dataset
+
+    @property
+    def input_size(self) -> int:
+        """Image height and width."""
+        return self.config.image_size
+
+    @property
+    def num_bits(self) -> int:
+        """Bits per colour channel (``num_x_bits``)."""
+        return self.config.num_x_bits
+
+    @property
+    def num_mix_output(self) -> int:
+        """Logistic mixture components of the output (``num_mixture_dec``)."""
+        return self.config.num_mixture_dec
+
+    @property
+    def use_se(self) -> bool:
+        return self.config.use_se
+
+    @property
+    def res_dist(self) -> bool:
+        return self.config.res_dist
+
+    @property
+    def with_nf(self) -> bool:
+        """Whether the posteriors have normalising flows."""
+        return self.config.num_nf > 0
+
+    @property
+    def num_groups_per_scale(self) -> int:
+        return self.config.num_groups_per_scale
+
+    @property
+    def num_latent_per_group(self) -> int:
+        return self.config.num_latent_per_group
+
+    @property
+    def num_channels_enc(self) -> int:
+        return self.config.num_channels_enc
+
+    @property
+    def num_channels_dec(self) -> int:
+        return self.config.num_channels_dec
+
+    @property
+    def num_preprocess_blocks(self) -> int:
+        return self.config.num_preprocess_blocks
+
+    @property
+    def num_preprocess_cells(self) -> int:
+        return self.config.num_preprocess_cells
+
+    @property
+    def num_cell_per_cond_enc(self) -> int:
+        return self.config.num_cell_per_cond_enc
+
+    @property
+    def num_postprocess_blocks(self) -> int:
+        return self.config.num_postprocess_blocks
+
+    @property
+    def num_postprocess_cells(self) -> int:
+        return self.config.num_postprocess_cells
+
+    @property
+    def num_cell_per_cond_dec(self) -> int:
+        return self.config.num_cell_per_cond_dec
+
+    @property
+    def enc_kv(self) -> nn.ModuleList:
+        """Empty, as in the official model (which declares it and never fills it)."""
+        return nn.ModuleList()
+
+    @property
+    def dec_kv(self) -> nn.ModuleList:
+        """Empty, as in the official model."""
+        return nn.ModuleList()
+
+    @property
+    def query(self) -> nn.ModuleList:
+        """Empty, as in the official model."""
+        return nn.ModuleList()
+
+    @property
+    def writer(self) -> None:
+        """The official model keeps the TensorBoard writer its constructor was given; NVAE takes
+        none (training logs through ``nvae_fast.train``)."""
+        return None

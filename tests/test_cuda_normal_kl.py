@@ -265,8 +265,8 @@ def test_bad_arguments_raise_before_launch():
         K.normal_kl_forward(None, None, mu_q, ls_q, eps[:, :2], True)
     with pytest.raises(ValueError, match="must not be empty"):
         K.normal_kl_forward(None, None, mu_q[:0], ls_q[:0], eps[:0], True)
-    with pytest.raises(ValueError, match="temperature must be positive"):
-        K.normal_sample_forward(None, None, eps, 0.0)
+    with pytest.raises(ValueError, match="temperature must be finite and >= 0"):
+        K.normal_sample_forward(None, None, eps, -1.0)
     with pytest.raises(ValueError, match="mu and log_sigma must both be tensors"):
         K.normal_sample_forward(mu_p, None, eps, 1.0)
     with pytest.raises(ValueError, match=r"z must have shape"):

@@ -278,7 +278,7 @@ def test_bad_inputs_raise_clear_errors():
         normal_kl(None, None, torch.randn(2, 3), x, x)
     with pytest.raises(TypeError, match="floating-point"):
         normal_kl(None, None, x, x.long(), x)
-    with pytest.raises(ValueError, match="temperature must be positive"):
-        normal_sample(x, x, x, 0.0)
+    with pytest.raises(ValueError, match="temperature must be a finite number >= 0"):
+        normal_sample(x, x, x, -1.0)
     with pytest.raises(ValueError, match="is on meta"):
         flow_kl(None, None, x, x, x, torch.empty(2, 3, 4, 4, device="meta"))

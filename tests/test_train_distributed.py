@@ -42,7 +42,10 @@ def test_two_ranks_match_one_process_on_the_joined_batch(tmp_path):
     for kind in ("grads", "buffers"):
         assert got[kind].keys() == expected[kind].keys()
         for name, value in expected[kind].items():
-            torch.testing.assert_close(got[kind][name], value, atol=1e-5, rtol=1e-5, msg=f"{kind} {name}")
+            # fp32 sums in another order: errors scale with the tensor's magnitude (bias gradients
+            # of about 20 sum terms of either sign, so an element near 0 can be off by 5e-5).
+            scale = max(1.0, value.abs().max().item())
+            torch.testing.assert_close(got[kind][name], value, atol=1e-5 * scale, rtol=1e-5, msg=f"{kind} {name}")
 
 
 def test_official_launch_flags_run_two_processes_writing_once_from_rank_zero(tmp_path):

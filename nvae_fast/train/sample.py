@@ -25,18 +25,25 @@ def decoded_images(decoder, t: float = 1.0) -> Tensor:
 
 @torch.no_grad()
 def generate(model: nn.Module, num_samples: int, temp: float, batch_size: int = 64,
-             amp: torch.dtype | None = None, device: torch.device | None = None, progress: bool = False) -> Tensor:
+             amp: torch.dtype | None = None, device: torch.device | None = None, progress: bool = False,
+             decoder_temp: float | None = None) -> Tensor:
     """``num_samples`` images (N, C, H, W) float32 in [0, 1] from the prior at temperature ``temp``
-    (with a tqdm bar if ``progress``)."""
+    (0: the prior means), the output distribution sampled at ``decoder_temp`` (default ``temp``, as
+    the official train.py's sample grids; the official evaluate.py samples it at 1), with a tqdm
+    bar if ``progress``."""
     if num_samples < 1 or batch_size < 1:
         raise ValueError(f"num_samples and batch_size must be >= 1, got {num_samples} and {batch_size}")
+    if decoder_temp is None:
+        decoder_temp = temp
+    if not 0 < decoder_temp < float("inf"):
+        raise ValueError(f"decoder_temp must be a finite number > 0, got {decoder_temp}")
     device = device or next(model.parameters()).device
     out = []
     for start in tqdm(range(0, num_samples, batch_size), desc="sample", disable=not progress, leave=False):
         n = min(batch_size, num_samples - start)
         with autocast(device, amp):
             logits = model.sample(n, temp)
-        out.append(decoded_images(model.decoder_output(logits.float()), temp).float().cpu())
+        out.append(decoded_images(model.decoder_output(logits.float()), decoder_temp).float().cpu())
     return torch.cat(out)
 
 
