@@ -21,9 +21,11 @@ from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
 from nvae_fast.kernels.triton import bn_swish, common, dwconv_stage, gen_cell, normal_kl
-from nvae_fast.ops.gen_cell import LinComb
+from nvae_fast.ops.gen_cell import SEParams
+from nvae_fast.ops.stage_args import BatchNormArgs, BatchNormGrad, BatchNormInputGrad, RunningUpdate
 
-_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int32: "i32",
+          torch.int64: "i64"}
 _GPU = torch.device("cuda")
 # Shared memory a block may opt into (CUDA programming guide, compute capabilities table).
 _SHARED_LIMIT = {80: 166_912, 86: 101_376, 89: 101_376, 90: 232_448}
@@ -62,22 +64,38 @@ def _launch_everything(dtype: torch.dtype, k: int, upsample: bool, stride2: bool
     def act(C, h, w):
         return torch.randn(N, C, h, w).to(dtype).contiguous(memory_format=torch.channels_last)
 
+    def bn(C):
+        return BatchNormArgs(v(C), v(C), v(C), v(C).abs() + 0.5, 1e-5)
+
+    def running(C):
+        return RunningUpdate(v(C), v(C), torch.zeros((), dtype=torch.long), 0.05, 1.01)
+
+    hidden = max(Cout // 16, 4)
+    se = SEParams(v(hidden, Cout), v(hidden), v(Cout, hidden), v(Cout))
     x = act(Cin, H, W)
     bn_swish.bn_stats(x)
-    a, _, _ = gen_cell.conv1_forward(x, v(Cin), v(Cin), v(EC, Cin), True)
+    gen_cell.bn_stats(x, v(2, Cin), running(Cin))
+    a = gen_cell.conv1_forward(x, bn(Cin), v(EC, Cin).to(dtype), v(2, EC), running(EC))
+    gen_cell.conv1_forward(x, bn(Cin), v(EC, Cin).to(dtype))
     c, _, _ = dwconv_stage.dwconv_stage_forward(a, v(EC), v(EC), v(EC, 1, k, k), 1, upsample)
-    e, *_ = gen_cell.conv2_forward(c, v(EC), v(EC), v(Cout, EC))
-    gen_cell.output_forward(e, v(Cout), v(Cout), v(N, Cout), act(Cout, Ho, Wo))
+    e = gen_cell.conv2_forward(c, bn(EC), v(Cout, EC).to(dtype), v(2, Cout), running(Cout), v(N, Cout))
+    gen_cell.conv2_forward(c, bn(EC), v(Cout, EC).to(dtype), None, None, v(N, Cout))
+    for s in (se, None):
+        gen_cell.output_forward(e, bn(Cout), s, v(N, Cout), act(Cout, Ho, Wo))
     dout = act(Cout, Ho, Wo)
-    gen_cell.output_backward_sums(dout, e, v(Cout))
-    de = LinComb(v(N, Cout), v(Cout), v(Cout), v(N, Cout))
-    gen_cell.conv2_backward_reduce(dout, e, de, c, v(EC), v(EC), v(EC), v(Cout, EC))
-    dc = gen_cell.conv2_backward_apply(dout, e, de, c, v(EC), v(EC), v(EC), v(Cout, EC), v(EC), v(EC))
-    gen_cell.conv2_weight_grad(dout, e, de, c, v(EC), v(EC))
+    for s in (se, None):
+        gen_cell.output_backward(dout, e, bn(Cout), s, v(N, Cout), v(2, Cout), v(N, Cout), v(N, Cout),
+                                 (v(Cout), v(Cout), v(hidden, Cout), v(hidden), v(Cout, hidden), v(Cout)))
+    de = BatchNormInputGrad(dout, e, bn(Cout), BatchNormGrad(v(2, Cout), N * Ho * Wo, True), 0.1, v(N, Cout),
+                            v(N, Cout))
+    gen_cell.conv2_backward_data(de, c, bn(EC), v(Cout, EC).to(dtype), v(2, EC), (v(EC), v(EC)))
+    gen_cell.conv2_weight_grad(de, c, bn(EC), v(Cout, EC))
+    dc = act(EC, Ho, Wo)
     dwconv_stage.dwconv_stage_backward(dc, a, v(EC), v(EC), v(EC), v(EC, 1, k, k), 1, upsample)
-    da = LinComb(v(1, EC), v(EC), v(EC), v(1, EC))
-    gen_cell.conv1_weight_grad(a, a, da, x, v(Cin), v(Cin))
-    gen_cell.conv1_backward_data(a, a, da, v(EC, Cin), x, v(Cin), v(Cin), v(Cin), None if upsample else x)
+    da = BatchNormInputGrad(a, a, bn(EC), BatchNormGrad(v(2, EC), N * H * W, True))
+    gen_cell.conv1_weight_grad(da, x, bn(Cin), v(EC, Cin), v(EC, Cin), v(2, Cin), (v(Cin), v(Cin)))
+    gen_cell.conv1_backward_data(da, v(EC, Cin).to(dtype), x, bn(Cin), BatchNormGrad(v(2, Cin), N * H * W, True),
+                                 None if upsample else x)
     if stride2:
         c2, _, _ = dwconv_stage.dwconv_stage_forward(a, v(EC), v(EC), v(EC, 1, k, k), 2, False)
         dwconv_stage.dwconv_stage_backward(torch.randn_like(c2), a, v(EC), v(EC), v(EC), v(EC, 1, k, k), 2, False)
@@ -101,7 +119,9 @@ def _signature(fn: JITFunction, args: tuple, kwargs: dict) -> tuple[dict, dict]:
             signature[param.name], constexprs[param.name] = "constexpr", kwargs[param.name]
             continue
         value = next(values)
-        if isinstance(value, torch.Tensor):
+        if value is None:    # an unused pointer: Triton specialises None as a constant
+            signature[param.name], constexprs[param.name] = "constexpr", None
+        elif isinstance(value, torch.Tensor):
             signature[param.name] = "*" + _TYPES[value.dtype]
         elif isinstance(value, float):
             signature[param.name] = "fp32"
