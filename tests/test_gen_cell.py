@@ -371,6 +371,8 @@ def test_opcheck(training):
     args = (x, None, tensors, [], list(_copy_running(running, torch.float32, "cpu")), False, training, 0.05, 1e-5)
     torch.library.opcheck(torch.ops.nvae_fast.gen_cell.default, args)
     _, a, c, e, stats, sum_e = torch.ops.nvae_fast.gen_cell(*args)
+    if not training:   # the backward of eval mode takes the running statistics, packed
+        stats = torch.cat(args[4][:8])
     torch.library.opcheck(torch.ops.nvae_fast.gen_cell_backward.default,
                           (dout, x, a, c, e, stats, sum_e, tensors, [], False, training, 1e-5, False))
 
@@ -478,3 +480,84 @@ def test_gemm_pipelining_fits_the_gpu_shared_memory(monkeypatch, limit, stages):
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
     gpu_tensor = SimpleNamespace(is_cuda=True, device="cuda:0")
     assert gemm_stages(gpu_tensor, 64 * (32 + 64) * 4) == stages
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch budget (structural counts: what a GPU run would launch, counted on the CPU)
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def launch_count(monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import launch_count
+
+    return launch_count
+
+
+def _cell_counts(launch_count, cell_type, op="mconv_e6k5g0"):
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "overflow encountered in exp", RuntimeWarning)
+        return launch_count.cell_counts(cell_type, op, True, shape=(1, 8, 2, 2), backend="triton")
+
+
+FORWARD_KERNELS = {"_stats_kernel": 1, "_forward_gemm_kernel": 2, "_forward_kernel": 1, "_output_kernel": 1}
+BACKWARD_KERNELS = {"_output_backward_kernel": 1, "_conv2_backward_data_kernel": 1, "_weight_grad_kernel": 2,
+                    "_backward_kernel": 1, "_conv1_backward_data_kernel": 1}
+
+
+@pytest.mark.skipif(not nvae_fast.backend.triton_interpreted(), reason="counts Triton launches under the interpreter")
+def test_normal_cell_launch_budget(launch_count):
+    """One normal cell with SE: 11 launches forward + backward in training (budget 20; 208 before
+    the in-kernel merges), 4 in eval (budget 6): one per stage, nothing between them, no sync."""
+    counts = _cell_counts(launch_count, "normal_dec")
+    train, evaluation = counts["train_forward_backward"], counts["eval_forward"]
+    assert train["triton_by_kernel"] == {k: FORWARD_KERNELS.get(k, 0) + BACKWARD_KERNELS.get(k, 0)
+                                         for k in {**FORWARD_KERNELS, **BACKWARD_KERNELS}}
+    assert train["aten_launches"] == 0 and train["launches"] == 11 <= 20
+    assert evaluation["triton_by_kernel"] == {"_forward_gemm_kernel": 2, "_forward_kernel": 1, "_output_kernel": 1}
+    assert evaluation["aten_launches"] == 0 and evaluation["launches"] == 4 <= 6
+    assert train["syncs"] == evaluation["syncs"] == 0
+
+
+@pytest.mark.skipif(not nvae_fast.backend.triton_interpreted(), reason="counts Triton launches under the interpreter")
+def test_up_cell_launch_budget(launch_count, monkeypatch):
+    """The up-cell adds its skip, bilinear_2x(conv1x1(x)): a convolution and an upsampling each
+    way, and the sum of x's two gradients. Its weight normalisation is the model's (counted per
+    training step, not per cell): here the identity, so that only the cell's own launches count."""
+    import nvae_fast.nn.conv as conv
+
+    monkeypatch.setattr(conv, "normalize_weight", lambda weight, log_weight_norm: weight)
+    counts = _cell_counts(launch_count, "up_dec")
+    train, evaluation = counts["train_forward_backward"], counts["eval_forward"]
+    assert sum(train["triton_by_kernel"].values()) == 11
+    # + autograd's sum of x's two gradients (through the branch and through the skip)
+    assert train["aten_by_op"] == {"convolution": 1, "upsample_bilinear2d": 1, "convolution_backward": 1,
+                                   "upsample_bilinear2d_backward": 1, "add": 1}
+    assert train["launches"] == 16 <= 20
+    assert sum(evaluation["triton_by_kernel"].values()) == 4
+    assert evaluation["aten_by_op"] == {"convolution": 1, "upsample_bilinear2d": 1}
+    assert evaluation["launches"] == 6 <= 6
+    assert train["syncs"] == evaluation["syncs"] == 0
+
+
+def test_module_prepares_kernel_weights_once():
+    """The cell's 1x1 weights in the activations' dtype are cast once and reused until the
+    parameters change (an optimizer step bumps their version); gradients still reach them."""
+    from nvae_fast.nn.cells import make_cell
+
+    torch.manual_seed(0)
+    cell = make_cell(8, 8, "normal_dec", ("mconv_e6k5g0",), True)
+    blk = cell.block
+    w1, w2 = blk.conv1.normalized_weight(), blk.conv2.normalized_weight()
+    first = cell._kernel_weights(w1, w2, torch.bfloat16)
+    assert first.w1.dtype == torch.bfloat16 and first.w1.shape == (48, 8)
+    assert cell._kernel_weights(w1, w2, torch.bfloat16) is first
+    with torch.no_grad():
+        blk.conv1.weight.mul_(2)
+    second = cell._kernel_weights(w1, w2, torch.bfloat16)
+    assert second is not first
+    torch.testing.assert_close(second.w1.float(), (blk.conv1.weight.reshape(48, 8)).bfloat16().float())
+    fp32 = cell._kernel_weights(w1, w2, torch.float32)
+    assert fp32.w1.data_ptr() == blk.conv1.weight.data_ptr()    # a view: no copy at all

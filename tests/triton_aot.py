@@ -41,11 +41,12 @@ def _record_launches() -> list[tuple[JITFunction, tuple, dict]]:
         launches.append((self, args, kwargs))
 
     JITFunction.run = record
-    gemm_blocks, elementwise_blocks, dw_blocks = (gen_cell._gemm_blocks, gen_cell._elementwise_blocks,
-                                                  dwconv_stage._blocks)
+    gemm_blocks, elementwise_blocks = gen_cell._gemm_blocks, gen_cell._elementwise_blocks
+    dw_tiles, dw_chunk = dwconv_stage._tiles, dwconv_stage._chunk
     gen_cell._gemm_blocks = lambda device, K, NOUT: gemm_blocks(_GPU, K, NOUT)
     gen_cell._elementwise_blocks = lambda device, C, rows: elementwise_blocks(_GPU, C, rows)
-    dwconv_stage._blocks = lambda C, pixels, device: dw_blocks(C, pixels, _GPU)
+    dwconv_stage._tiles = lambda C, rows, cols, up, device: dw_tiles(C, rows, cols, up, _GPU)
+    dwconv_stage._chunk = lambda halo, tile, device: dw_chunk(halo, tile, _GPU)
     gen_cell.dot_dtype = lambda t: common._TL_DTYPES[t.dtype]
     gen_cell.dot_precision = lambda t: "tf32" if t.dtype == torch.float32 else "ieee"
     return launches
@@ -78,6 +79,8 @@ def _launch_everything(dtype: torch.dtype, k: int, upsample: bool, stride2: bool
     a = gen_cell.conv1_forward(x, bn(Cin), v(EC, Cin).to(dtype), v(2, EC), running(EC))
     gen_cell.conv1_forward(x, bn(Cin), v(EC, Cin).to(dtype))
     c, _, _ = dwconv_stage.dwconv_stage_forward(a, v(EC), v(EC), v(EC, 1, k, k), 1, upsample)
+    dwconv_stage.dwconv_stage_forward_fused(a, bn(EC), v(EC, 1, k, k), 1, upsample, v(2, EC), running(EC))
+    dwconv_stage.dwconv_stage_forward_fused(a, bn(EC), v(EC, 1, k, k), 1, upsample, None)
     e = gen_cell.conv2_forward(c, bn(EC), v(Cout, EC).to(dtype), v(2, Cout), running(Cout), v(N, Cout))
     gen_cell.conv2_forward(c, bn(EC), v(Cout, EC).to(dtype), None, None, v(N, Cout))
     for s in (se, None):
@@ -92,6 +95,8 @@ def _launch_everything(dtype: torch.dtype, k: int, upsample: bool, stride2: bool
     gen_cell.conv2_weight_grad(de, c, bn(EC), v(Cout, EC))
     dc = act(EC, Ho, Wo)
     dwconv_stage.dwconv_stage_backward(dc, a, v(EC), v(EC), v(EC), v(EC, 1, k, k), 1, upsample)
+    dwconv_stage.dwconv_stage_backward_fused(dc, c, bn(EC), BatchNormGrad(v(2, EC), N * Ho * Wo, True), a, bn(EC),
+                                             v(EC, 1, k, k), 1, upsample, v(2, EC), (v(EC), v(EC)), v(EC, 1, k, k))
     da = BatchNormInputGrad(a, a, bn(EC), BatchNormGrad(v(2, EC), N * H * W, True))
     gen_cell.conv1_weight_grad(da, x, bn(Cin), v(EC, Cin), v(EC, Cin), v(2, Cin), (v(Cin), v(Cin)))
     gen_cell.conv1_backward_data(da, v(EC, Cin).to(dtype), x, bn(Cin), BatchNormGrad(v(2, Cin), N * H * W, True),

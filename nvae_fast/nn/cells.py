@@ -316,6 +316,8 @@ class InvertedResidualCell(Cell):
         super().__init__(c_in, c_out, cell_type, (op,), use_se)
         self._weights: GenCellWeights | None = None
         self._weights_key: tuple | None = None
+        self._skip_weight: Tensor | None = None
+        self._skip_weight_key: tuple | None = None
 
     @property
     def block(self) -> InvertedResidual:
@@ -359,7 +361,7 @@ class InvertedResidualCell(Cell):
                                       bn2.running_mean, bn2.running_var, bn3.running_mean, bn3.running_var,
                                       bn0.num_batches_tracked, bn1.num_batches_tracked, bn2.num_batches_tracked,
                                       bn3.num_batches_tracked)
-        skip = self.skip(x) if blk.upsample else None
+        skip = self._upsampled_skip(x) if blk.upsample else None
         if torch.is_autocast_enabled(x.device.type) and x.dtype == torch.float32:
             # The eager cell's convolutions would run in the autocast dtype: so do the fused
             # stages; the residual sum keeps the skip's dtype, as the eager cell's does.
@@ -368,6 +370,26 @@ class InvertedResidualCell(Cell):
         return gen_cell(x, params, running, skip, upsample=blk.upsample, training=self.training,
                         momentum=bn0.momentum, eps=bn0.eps, process_group=bn0.process_group,
                         weights=self._kernel_weights(w1, w2, x.dtype))
+
+    def _upsampled_skip(self, x: Tensor) -> Tensor:
+        """The up-cell's skip ``conv1x1(bilinear_2x(x)) + bias``, computed as
+        ``bilinear_2x(conv1x1(x) + bias)``: the same values (each output pixel of a bilinear
+        upsampling with aligned corners is a convex combination of input pixels, so it commutes
+        with a per-pixel affine map) for a quarter of the convolution's work and bytes. Without
+        autograd (evaluation, sampling) the normalised weight is kept while its parameters are
+        unchanged, like the fused stages' weights."""
+        upsample, conv = self.skip
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            weight = conv.normalized_weight()
+        else:
+            params = [p for p in (conv.weight, conv.log_weight_norm) if p is not None]
+            key = tuple((p.data_ptr(), p._version, p.dtype) for p in params)
+            if self._skip_weight_key != key:
+                self._skip_weight = conv.normalized_weight()
+                self._skip_weight_key = key
+            weight = self._skip_weight
+        y = F.conv2d(x, weight, conv.bias)
+        return upsample(y).to(y.dtype)
 
     def _kernel_weights(self, w1: Tensor, w2: Tensor, dtype: torch.dtype) -> GenCellWeights:
         """The 1x1 convolutions' weights as the fused stages read them (matrices in the activations'

@@ -425,6 +425,13 @@ class _Dims(NamedTuple):
         return [self.Cin, self.EC, self.EC, self.Cout]
 
 
+class _Pair(NamedTuple):
+    """(mean, var) of one BatchNorm when they are separate tensors (the running statistics)."""
+
+    mean: Tensor
+    var: Tensor
+
+
 def _stat_views(stats: Tensor, dims: _Dims) -> list[Tensor]:
     """The (2, C) [mean; var] views of BN0..BN3 in the packed statistics."""
     return [t.view(2, -1) for t in stats.split([2 * c for c in dims.stat_sizes()])]
@@ -463,7 +470,8 @@ def _forward(x: Tensor, skip: Tensor | None, p: GenCellParams, w: GenCellWeights
     Training: batch statistics, returned packed in ``stats``; single process (``sync`` None) the
     stages update ``running`` in place; with ``sync`` (several ranks) each stage's statistics are
     combined across ranks before the next stage uses them and the caller updates ``running``.
-    Eval: ``running`` is used; ``stats`` is a copy of it (for a backward through eval mode).
+    Eval: ``running`` is used and ``stats`` is empty (a backward through eval mode packs
+    ``running`` itself).
     """
     k = kernels_for(x)
     stage = dwconv_stage.fused_kernels_for(x)
@@ -473,9 +481,11 @@ def _forward(x: Tensor, skip: Tensor | None, p: GenCellParams, w: GenCellWeights
     counts = list(local_counts)   # over every rank once synchronised
     if training:
         stats = x.new_empty(2 * sum(dims.stat_sizes()), dtype=acc)
+        views = _stat_views(stats, dims)
     else:
-        stats = torch.cat([t.to(acc) for t in running[:8]])
-    views = _stat_views(stats, dims)
+        stats = x.new_empty(0, dtype=acc)
+        views = [torch.stack(running[2 * i:2 * i + 2]).to(acc) if running[2 * i].dtype != acc
+                 else _Pair(running[2 * i], running[2 * i + 1]) for i in range(4)]
     bns = _batchnorms(p, views, eps)
     in_kernel_update = training and sync is None and running is not None
 
@@ -599,7 +609,7 @@ def _(x, skip, params, weights, running, upsample, training, momentum, eps):
 
     out = torch.empty_like(x if skip is None else skip)
     return (out, cl(dims.EC, dims.H, dims.W), cl(dims.EC, dims.Ho, dims.Wo), cl(dims.Cout, dims.Ho, dims.Wo),
-            x.new_empty(2 * sum(dims.stat_sizes()), dtype=acc),
+            x.new_empty(2 * sum(dims.stat_sizes()) if training else 0, dtype=acc),
             x.new_empty((dims.N, dims.Cout if p.has_se else 0), dtype=acc))
 
 
@@ -629,15 +639,20 @@ class _GenCell(torch.autograd.Function):
     def forward(ctx, x, skip, upsample, momentum, eps, training, running, weights, *params):
         out, a, c, e, stats, sum_e = torch.ops.nvae_fast.gen_cell(x, skip, list(params), weights, running, upsample,
                                                                   training, momentum, eps)
-        ctx.save_for_backward(x, a, c, e, stats, sum_e, *weights, *params)
+        # in eval the statistics are the running ones: saved (a later update in place would be
+        # reported by autograd's version check) and packed only if a backward runs
+        ctx.save_for_backward(x, a, c, e, stats, sum_e, *weights, *(running[:8] if not training else ()), *params)
         ctx.upsample, ctx.training, ctx.eps, ctx.has_skip = upsample, training, eps, skip is not None
-        ctx.num_weights = len(weights)
+        ctx.num_weights = len(weights) + (0 if training else 8)
         return out
 
     @staticmethod
     def backward(ctx, dout):
         x, a, c, e, stats, sum_e, *rest = ctx.saved_tensors
         weights, params = rest[:ctx.num_weights], rest[ctx.num_weights:]
+        if not ctx.training:
+            weights, running = weights[:-8], weights[-8:]
+            stats = torch.cat([t.to(stats.dtype) for t in running])
         dx, *grads = torch.ops.nvae_fast.gen_cell_backward(dout, x, a, c, e, stats, sum_e, params, weights,
                                                            ctx.upsample, ctx.training, ctx.eps, ctx.has_skip)
         return dx, (dout if ctx.has_skip else None), None, None, None, None, None, None, *grads
