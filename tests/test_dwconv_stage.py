@@ -82,7 +82,7 @@ def test_triton_half_precision(dtype):
 
 def test_triton_small_tiles(monkeypatch):
     """GPU-sized tiles: several pixel tiles per image, several channel blocks and reduction chunks."""
-    monkeypatch.setattr(triton_stage, "_tiles", lambda C, rows, cols, up, device: (2, 4, 16))
+    monkeypatch.setattr(triton_stage, "_tiles", lambda C, rows, cols, up, device, budget: (2, 4, 16))
     monkeypatch.setattr(triton_stage, "_programs", lambda device, channel_blocks, items: min(items, 3))
     _check(2, 40, 5, 6, 3, 1, False)
     _check(1, 20, 3, 4, 3, 1, True)

@@ -48,6 +48,15 @@ def _stage_affine(w_ptr, b_ptr, mean_ptr, var_ptr, cols, col_ok, eps, FOLD: tl.c
 
 
 @triton.jit
+def _stage_weights(slot_w, w_ptr, cols, col_ok, local, K: tl.constexpr):
+    """Copies the block's filter taps (w (C, K*K)) to slot_w (K*K, BLOCK_C): read from there at
+    every tap, not hoisted into registers (K*K values a channel would not fit)."""
+    for t in range(K * K):
+        tl.store(slot_w + t * local.shape[0] + local, load_vector(w_ptr + t, cols * (K * K), col_ok))
+    return slot_w + local
+
+
+@triton.jit
 def _zero_frame(slot, local, wy0, wx0, extent_h, extent_w, HALO_H: tl.constexpr, HALO_W: tl.constexpr,
                 SPREAD: tl.constexpr, CHUNK: tl.constexpr, BLOCK_C: tl.constexpr):
     """Zeros the window positions (conv-grid (wy0 + hy, wx0 + hx)) no source value lands on: those
@@ -117,12 +126,12 @@ def _forward_kernel(
     col_ok = cols < C
     local = tl.arange(0, BLOCK_C)
     scale, shift = _stage_affine(bw_ptr, bb_ptr, bm_ptr, bv_ptr, cols, col_ok, eps, FOLD)
-    w_cols = w_ptr + cols * (K * K)
-    slot = scratch_ptr + (pid_c * num_p + pid_p).to(tl.int64) * (HALO_H * HALO_W * BLOCK_C)
+    slot = scratch_ptr + (pid_c * num_p + pid_p).to(tl.int64) * ((HALO_H * HALO_W + K * K) * BLOCK_C)
+    slot_w = _stage_weights(slot + HALO_H * HALO_W * BLOCK_C, w_ptr, cols, col_ok, local, K)
     r = tl.arange(0, TH * TW)
     ty = r // TW
     tx = r % TW
-    taps = slot + ((STRIDE * ty) * HALO_W + STRIDE * tx)[:, None] * BLOCK_C + local[None, :]
+    taps = ((STRIDE * ty) * HALO_W + STRIDE * tx)[:, None] * BLOCK_C + local[None, :]
     count = tl.zeros([BLOCK_C], dtype=tl.float32)
     mean = tl.zeros([BLOCK_C], dtype=tl.float32)
     m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
@@ -140,8 +149,8 @@ def _forward_kernel(
         acc = tl.zeros([TH * TW, BLOCK_C], dtype=tl.float32)
         for kh in range(K):                   # rows in a loop, columns unrolled: code size K, not K * K
             for kw in tl.static_range(K):
-                b = tl.load(taps + (kh * HALO_W + kw) * BLOCK_C)
-                acc += b * load_vector(w_cols + kh * K + kw, 0, col_ok)[None, :]
+                b = tl.load(slot + taps + (kh * HALO_W + kw) * BLOCK_C)
+                acc += b * tl.load(slot_w + (kh * K + kw) * BLOCK_C)[None, :]
         oy = oy0 + ty
         ox = ox0 + tx
         out_mask = ((oy < Ho) & (ox < Wo))[:, None] & col_ok[None, :]
@@ -198,9 +207,9 @@ def _backward_kernel(
         zscale, zkx, zkc = bn_backward_coefs(zw_ptr, zv_ptr, zsums_ptr, cols, col_ok, C, z_eps, z_inv_count,
                                              Z_TRAINING)
         zmean = load_vector(zm_ptr, cols, col_ok)
-    w_cols = w_ptr + cols * KK
-    slot_dc = scratch_ptr + (pid_c * num_p + pid_p).to(tl.int64) * (2 * HALO * BLOCK_C)
+    slot_dc = scratch_ptr + (pid_c * num_p + pid_p).to(tl.int64) * ((2 * HALO + KK) * BLOCK_C)
     slot_b = slot_dc + HALO * BLOCK_C
+    slot_w = _stage_weights(slot_b + HALO * BLOCK_C, w_ptr, cols, col_ok, local, K)
     part = ws_ptr + pid_p * C + cols          # row i of ws at part + i * num_p * C
     for i in range(KK):
         tl.store(part + i * num_p * C, tl.zeros([BLOCK_C], dtype=tl.float32), mask=col_ok)
@@ -250,15 +259,14 @@ def _backward_kernel(
             for sx in tl.static_range(UP):
                 # conv position u = UP * (ay0 + ty) + sy is window position UP * ty + sy + PAD
                 at = ((UP * ty + sy) * HALO_W + UP * tx + sx)[:, None] * BLOCK_C + local[None, :]
-                dc_taps = slot_dc + at
-                b_taps = slot_b + at
-                dc_own = tl.load(dc_taps + (PAD * HALO_W + PAD) * BLOCK_C)
-                for kh in range(K):
+                for kh in range(K):           # data: dcg at u + PAD - t
                     for kw in tl.static_range(K):
-                        w_t = load_vector(w_cols + kh * K + kw, 0, col_ok)[None, :]
-                        # data: dcg at u + PAD - t; weight: b at u + t - PAD
-                        db += tl.load(dc_taps + ((2 * PAD - kh) * HALO_W + 2 * PAD - kw) * BLOCK_C) * w_t
-                        b = tl.load(b_taps + (kh * HALO_W + kw) * BLOCK_C)
+                        dc = tl.load(slot_dc + at + ((2 * PAD - kh) * HALO_W + 2 * PAD - kw) * BLOCK_C)
+                        db += dc * tl.load(slot_w + (kh * K + kw) * BLOCK_C)[None, :]
+                dc_own = tl.load(slot_dc + at + (PAD * HALO_W + PAD) * BLOCK_C)
+                for kh in range(K):           # weight: b at u + t - PAD
+                    for kw in tl.static_range(K):
+                        b = tl.load(slot_b + at + (kh * HALO_W + kw) * BLOCK_C)
                         tap = part + (kh * K + kw) * num_p * C
                         tl.store(tap, tl.load(tap, mask=col_ok, other=0.0) + tl.sum(dc_own * b, axis=0), mask=col_ok)
         ay = ay0 + ty
@@ -301,9 +309,12 @@ def _backward_kernel(
 # Launchers (the op layer has validated shapes, devices and dtypes)
 # ---------------------------------------------------------------------------------------------
 
-# Warps of both kernels: their [pixels, channels] tiles of up to 8192 fp32 values keep a few
-# tiles' addresses live per element; with 4 warps (64 elements a thread) ptxas would spill.
-TILE_WARPS = 8
+# Launch resources, chosen from the registers, spills and shared memory ptxas reports for sm_90
+# (tests/triton_aot.py --report): the forward's 256 x 16 tile fits 128 registers a thread without
+# spilling (two 8-warp blocks per SM); the backward keeps two tiles of gradients and both windows'
+# taps in flight, so its 128 x 16 tile gets what registers ptxas wants (no spills).
+FORWARD_WARPS, FORWARD_REGISTERS, FORWARD_TILE = 8, 128, (256, 4096)
+BACKWARD_WARPS, BACKWARD_REGISTERS, BACKWARD_TILE = 8, None, (128, 2048)
 
 
 def _output_size(H: int, W: int, k: int, stride: int, upsample: bool) -> tuple[int, int]:
@@ -311,12 +322,13 @@ def _output_size(H: int, W: int, k: int, stride: int, upsample: bool) -> tuple[i
     return (Hc + 2 * (k // 2) - k) // stride + 1, (Wc + 2 * (k // 2) - k) // stride + 1
 
 
-def _tiles(C: int, rows: int, cols: int, up: int, device: torch.device) -> tuple[int, int, int]:
+def _tiles(C: int, rows: int, cols: int, up: int, device: torch.device, budget: tuple[int, int]
+           ) -> tuple[int, int, int]:
     """(TH, TW, BLOCK_C): a tile of rows x cols pixels (powers of two; with ``up`` = 2 its conv
-    region, up^2 times its pixels, within the budget) times a block of channels, about 4096
-    values on a GPU. The interpreter runs programs (and tiles) one after another, so there tiles
-    are larger."""
-    pixels, values, max_c = (256, 4096, 64) if device.type == "cuda" else (1024, 65536, 256)
+    region, up^2 times its pixels, within the budget) times a block of channels, ``budget`` =
+    (pixels, values) on a GPU. The interpreter runs programs (and tiles) one after another, so
+    there tiles are larger."""
+    pixels, values, max_c = (*budget, 64) if device.type == "cuda" else (1024, 65536, 256)
     pixels //= up * up
     tw = min(triton.next_power_of_2(cols), 32 // up, pixels)
     th = min(triton.next_power_of_2(rows), max(1, pixels // tw))
@@ -324,10 +336,10 @@ def _tiles(C: int, rows: int, cols: int, up: int, device: torch.device) -> tuple
     return th, tw, block_c
 
 
-def _chunk(halo: int, tile: int, device: torch.device) -> int:
-    """Pixels of the halo staged per step: the tile's size on a GPU (registers), all of it on
-    the interpreter (fewer, larger steps)."""
-    return min(triton.next_power_of_2(halo), tile) if device.type == "cuda" else triton.next_power_of_2(halo)
+def _chunk(halo: int, device: torch.device) -> int:
+    """Pixels of a window staged per step: 64 on a GPU (registers), all of them on the
+    interpreter (fewer, larger steps)."""
+    return min(triton.next_power_of_2(halo), 64) if device.type == "cuda" else triton.next_power_of_2(halo)
 
 
 def _programs(device: torch.device, channel_blocks: int, items: int) -> int:
@@ -348,7 +360,7 @@ def _forward(a, w_mat, bn_ptrs, eps, fold, stride, upsample, stats, running):
     k = int(round(w_mat.shape[1] ** 0.5))
     Ho, Wo = _output_size(H, W, k, stride, upsample)
     up = 2 if upsample else 1
-    th, tw, block_c = _tiles(C, Ho, Wo, 1, a.device)
+    th, tw, block_c = _tiles(C, Ho, Wo, 1, a.device, FORWARD_TILE)
     halo = ((th - 1) * stride + k) * ((tw - 1) * stride + k)
     tiles_w = triton.cdiv(Wo, tw)
     tiles_per_img = triton.cdiv(Ho, th) * tiles_w
@@ -356,7 +368,7 @@ def _forward(a, w_mat, bn_ptrs, eps, fold, stride, upsample, stats, running):
     programs = _programs(a.device, cblocks, N * tiles_per_img)
     group = two_level_groups(programs)
     c = torch.empty((N, C, Ho, Wo), device=a.device, dtype=a.dtype, memory_format=torch.channels_last)
-    scratch = torch.empty(cblocks * programs * halo * block_c, device=a.device, dtype=torch.float32)
+    scratch = torch.empty(cblocks * programs * (halo + k * k) * block_c, device=a.device, dtype=torch.float32)
     ws = torch.empty((3, programs, C), device=a.device, dtype=torch.float32)
     ws2 = torch.empty((3, triton.cdiv(programs, group), C), device=a.device, dtype=torch.float32)
     counters = arrival_counters(a.device, cblocks * (triton.cdiv(programs, group) + 1))
@@ -366,7 +378,8 @@ def _forward(a, w_mat, bn_ptrs, eps, fold, stride, upsample, stats, running):
             C, H, W, Ho, Wo, tiles_w, tiles_per_img, N * tiles_per_img, group, eps,
             0.0 if running is None else running.momentum, 1.0 if running is None else running.unbias,
             K=k, STRIDE=stride, UP=up, FOLD=fold, STATS=stats is not None, RUNNING=running is not None,
-            TH=th, TW=tw, CHUNK=_chunk(halo, th * tw, a.device), BLOCK_C=block_c, num_warps=TILE_WARPS)
+            TH=th, TW=tw, CHUNK=_chunk(halo, a.device), BLOCK_C=block_c, num_warps=FORWARD_WARPS,
+            maxnreg=FORWARD_REGISTERS)
     return c
 
 
@@ -376,7 +389,7 @@ def _backward(dz, z, z_args, a, w_mat, bn_ptrs, eps, fold, stride, upsample, sum
     k = int(round(w_mat.shape[1] ** 0.5))
     Ho, Wo = dz.shape[2:]
     up = 2 if upsample else 1
-    th, tw, block_c = _tiles(C, H, W, up, a.device)
+    th, tw, block_c = _tiles(C, H, W, up, a.device, BACKWARD_TILE)
     halo = (up * th + k - 1) * (up * tw + k - 1)
     tiles_w = triton.cdiv(W, tw)
     tiles_per_img = triton.cdiv(H, th) * tiles_w
@@ -385,7 +398,7 @@ def _backward(dz, z, z_args, a, w_mat, bn_ptrs, eps, fold, stride, upsample, sum
     group = two_level_groups(programs)
     groups = triton.cdiv(programs, group)
     g = torch.empty(a.shape, device=a.device, dtype=a.dtype, memory_format=torch.channels_last)
-    scratch = torch.empty(cblocks * programs * 2 * halo * block_c, device=a.device, dtype=torch.float32)
+    scratch = torch.empty(cblocks * programs * (2 * halo + k * k) * block_c, device=a.device, dtype=torch.float32)
     ws = torch.empty((k * k + 2, programs, C), device=a.device, dtype=torch.float32)
     ws2 = torch.empty((k * k + 2, groups, C), device=a.device, dtype=torch.float32)
     counters = arrival_counters(a.device, cblocks * (groups + 1))
@@ -400,8 +413,8 @@ def _backward(dz, z, z_args, a, w_mat, bn_ptrs, eps, fold, stride, upsample, sum
             *strides4(dz), *strides4(zt), *strides4(a), *strides4(g),
             C, H, W, Ho, Wo, tiles_w, tiles_per_img, N * tiles_per_img, group, z_eps, 1.0 / z_count, eps,
             K=k, STRIDE=stride, UP=up, FOLD=fold, DC_FROM_G=z_args is not None, Z_TRAINING=z_training,
-            BN_GRADS=bn_grads is not None, TH=th, TW=tw, CHUNK=_chunk(halo, th * tw, a.device),
-            BLOCK_C=block_c, num_warps=TILE_WARPS)
+            BN_GRADS=bn_grads is not None, TH=th, TW=tw, CHUNK=_chunk(halo, a.device),
+            BLOCK_C=block_c, num_warps=BACKWARD_WARPS, maxnreg=BACKWARD_REGISTERS)
     return g
 
 
