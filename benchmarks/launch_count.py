@@ -265,6 +265,10 @@ def cell_counts(cell_type: str = "normal_dec", op: str = "mconv_e6k5g0", use_se:
             cell(x).backward(grad)
 
         train_step()
+        # as a training step starts: gradients set to None (optimizer.zero_grad's default), so that
+        # backward assigns them instead of accumulating (one add_ per parameter)
+        cell.zero_grad(set_to_none=True)
+        x.grad = None
         results["train_forward_backward"] = count(train_step).to_dict()
         cell.eval()
         with torch.no_grad():
