@@ -304,6 +304,7 @@ def test_cuda_device_mismatch_is_refused():
         K.normal_kl_forward(mu_p.cuda(), ls_p.cuda(), mu_q.cuda(), ls_q.cuda(), eps, True)
 
 
+@pytest.mark.gpu   # checks the build the GPU check makes
 @pytest.mark.skipif(os.environ.get("NVAE_FAST_EXPECT_EXT") != "1",
                     reason="set NVAE_FAST_EXPECT_EXT=1 where the install built nvae_fast._C (CI does)")
 def test_extension_exposes_the_kl_kernels():

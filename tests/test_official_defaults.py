@@ -76,7 +76,7 @@ def test_sample_command_decodes_and_readjusts_as_the_official_evaluate(tmp_path,
 
     save_official_checkpoint(model, tmp_path / "c.pt")
     seen = []
-    monkeypatch.setattr(NVAE, "readjust_bn", lambda self, num_samples, t, iterations: seen.append(
+    monkeypatch.setattr(NVAE, "readjust_bn", lambda self, num_samples, t, iterations, **_: seen.append(
         (num_samples, t, iterations)))
     assert main(["sample", "--checkpoint", str(tmp_path / "c.pt"), "--num_samples", "4", "--readjust_bn",
                  "--temp", "0", "--output", str(tmp_path / "s")]) == 0

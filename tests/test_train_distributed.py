@@ -58,7 +58,8 @@ def test_official_launch_flags_run_two_processes_writing_once_from_rank_zero(tmp
     proc = subprocess.run(
         [sys.executable, "-m", "nvae_fast", "train", "--preset", "tiny_mnist", "--data", str(tmp_path), "--root",
          str(tmp_path / "runs"), "--epochs", "1", "--warmup_epochs", "0", "--batch_size", "4", "--num_iw_samples",
-         "2", "--num_samples", "4", "--num_process_per_node", "2", "--master_address", "127.0.0.1"],
+         "2", "--num_samples", "4", "--num_process_per_node", "2", "--master_address", "127.0.0.1",
+         "--device", "cpu"],   # gloo ranks on the CPU: a one-GPU machine has no cuda:1 for rank 1
         cwd=tmp_path, env={**_env(), "MASTER_PORT": str(port)}, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]
     run = tmp_path / "runs" / "eval-tiny_mnist"

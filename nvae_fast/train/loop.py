@@ -27,7 +27,7 @@ from nvae_fast.train.loaders import make_loader
 from nvae_fast.train.monitor import Monitor
 from nvae_fast.train.recipe import TrainConfig
 from nvae_fast.train.runtime import Runtime, all_reduce_mean, gather_objects
-from nvae_fast.train.sample import decoded_images, generate, write_samples
+from nvae_fast.train.sample import decoded_images, generate, nonfinite_message, write_samples
 from nvae_fast.train.trainer import StepStats, Trainer
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -278,9 +278,13 @@ def run_training(model_cfg, cfg: TrainConfig, run_dir: str | Path, rt: Runtime, 
             with torch.random.fork_rng(devices=[rt.device] if rt.device.type == "cuda" else []):
                 images = generate(trainer.eval_model.eval(), cfg.num_samples, cfg.temp, amp=trainer.dtype,
                                   decoder_temp=1.0)
-            scale = max(1, 256 // (math.ceil(math.sqrt(cfg.num_samples)) * model_cfg.image_size))
-            paths = write_samples(images, run_dir, scale=scale)
-            monitor.info(f"samples (t={cfg.temp}): {paths[0]} and {paths[1]}")
+            if len(images) < cfg.num_samples:
+                monitor.info(f"warning: {nonfinite_message(cfg.num_samples - len(images), cfg.num_samples, cfg.temp)}"
+                             "; they are left out of samples.png/npz")
+            if len(images):
+                scale = max(1, 256 // (math.ceil(math.sqrt(cfg.num_samples)) * model_cfg.image_size))
+                paths = write_samples(images, run_dir, scale=scale)
+                monitor.info(f"samples (t={cfg.temp}): {paths[0]} and {paths[1]}")
             _export(trainer, model_cfg, cfg, run_dir, monitor, export_official, export_safetensors)
         result.finished = True
         return result

@@ -129,6 +129,9 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
                        weight_decay_norm_init=1.0),
     "ffhq": dict(batch_size=4, epochs=200, weight_decay_norm=1e-1, weight_decay_norm_anneal=True,
                  weight_decay_norm_init=1.0, learning_rate=8e-3),
+    # LSUN Church 64 (NVlabs/VAEBM's NVAE command, 8 GPUs) and OMNIGLOT (NVlabs/LSGM's NVAE stage, 2 GPUs).
+    "lsun_church_64": dict(batch_size=32, epochs=60, warmup_epochs=1, weight_decay_norm=1e-1),
+    "omniglot": dict(batch_size=64, epochs=200, weight_decay_norm=1e-2, kl_anneal_portion=1.0),
     # The embedded demo: sized to train, evaluate and sample in a few minutes on 2 CPU cores
     # (23 steps of 64 images per epoch; the digits live in memory, so no loader workers).
     "digits": dict(batch_size=64, epochs=40, warmup_epochs=2, weight_decay_norm=1e-2, num_workers=0, log_every=23,
