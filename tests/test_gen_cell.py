@@ -541,6 +541,9 @@ def test_normal_cell_launch_budget(launch_count):
     assert evaluation["triton_by_kernel"] == {"_forward_gemm_kernel": 2, "_forward_kernel": 1, "_output_kernel": 1}
     assert evaluation["aten_launches"] == 0 and evaluation["launches"] == 4 <= 6
     assert train["syncs"] == evaluation["syncs"] == 0
+    assert launch_count.cell_summary(counts) == {
+        "train_forward_backward": {"launches": 11, "budget": 20, "before": 208},
+        "eval_forward": {"launches": 4, "budget": 6, "before": 38}}
 
 
 @pytest.mark.skipif(not nvae_fast.backend.triton_interpreted(), reason="counts Triton launches under the interpreter")
