@@ -425,8 +425,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: the first shape of each workload, 3 repetitions, no torch.compile")
-    parser.add_argument("--out", type=Path, help="JSON path, PNG beside it (default: benchmarks/results/ for full "
-                                                  "GPU runs, benchmarks/scratch/ otherwise)")
+    parser.add_argument("--out", type=Path, help="JSON path, PNG beside it (default: benchmarks/results/<gpu>/ for "
+                                                  "full GPU runs, benchmarks/scratch/ otherwise)")
+    harness.add_run_arguments(parser)
     args = parser.parse_args(argv)
     if args.batch is not None and args.batch < 1:
         parser.error(f"--batch must be positive, got {args.batch}")
@@ -437,8 +438,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    env = harness.environment()
+    device = harness.run_device(args.device)
+    time_limit = harness.TimeLimit(args.time_limit)
+    env = harness.environment(device)
     if device.type == "cpu":
         print("No CUDA device: CPU timings at small shapes (the tiny_cifar10 preset unless --presets is given); "
               "they say nothing about GPU performance.")
@@ -453,12 +455,19 @@ def main(argv: list[str] | None = None) -> int:
     impls = args.impls or list(harness.IMPLS)
     memory_format = torch.channels_last if args.memory_format == "channels_last" else torch.contiguous_format
     copy_gbs = harness.copy_bandwidth_gbs(device)
+    json_path, png_path = harness.output_paths("cell_bench", device, args.quick, args.out, "+".join(presets))
+    rows: list[dict[str, Any]] = []
+    payload = {
+        "benchmark": "cell_bench", "environment": env, "backends": backend.status(), "copy_GBs": copy_gbs,
+        "quick": args.quick, "reps": reps, "warmup": warmup, "memory_format": args.memory_format,
+        "presets": {p: {"batch": args.batch or PRESET_BATCH[p]} for p in presets},
+        "finished": False, "results": rows}
 
-    rows = []
     for w in chosen:
         for dtype_name in args.dtypes:
             for impl in impls:
                 reason = harness.skip_reason(impl, device, requested=not args.quick or args.impls is not None)
+                reason = reason or time_limit.reason()
                 if reason is not None:
                     rows.append({"preset": w.preset, "kind": w.kind, "cell_type": w.cell_type,
                                  "shape": "x".join(map(str, w.input_shape)), "count": w.shape.count,
@@ -469,17 +478,14 @@ def main(argv: list[str] | None = None) -> int:
                                     copy_gbs))
                 print(f"  {w.preset} {w.kind} {w.cell_type} {rows[-1]['shape']} {dtype_name} {impl}: "
                       f"{rows[-1]['status']}", flush=True)
+                harness.write_json(json_path, payload)
     _with_speedups(rows)
+    payload["finished"] = True
 
     print(harness.format_report(rows, ["preset", "kind", "cell_type", "shape", "count", "dtype", "impl", "fwd_ms",
                                        "fwd_bwd_ms", "speedup", "model_ms", "GBs_fwd_bwd", "pct_floor_fwd_bwd",
                                        "bound_fwd_bwd", "peak_mem_MB", "saved_MB", "status"]))
-    json_path, png_path = harness.output_paths("cell_bench", device, args.quick, args.out, "+".join(presets))
-    harness.write_json(json_path, {
-        "benchmark": "cell_bench", "environment": env, "backends": backend.status(), "copy_GBs": copy_gbs,
-        "quick": args.quick, "reps": reps, "warmup": warmup, "memory_format": args.memory_format,
-        "presets": {p: {"batch": args.batch or PRESET_BATCH[p]} for p in presets},
-        "results": rows})
+    harness.write_json(json_path, payload)
     harness.plot_bars(png_path, rows, ["preset", "kind", "cell_type", "shape", "dtype"], "impl",
                       [("fwd_ms", "forward, median ms"), ("fwd_bwd_ms", "forward+backward, median ms")],
                       title=f"NVAE cells, one training step - {env['device']}")

@@ -65,21 +65,25 @@ CASES = [
 ]
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c)))
 def test_triton_matches_reference(case):
     _check(*case)
 
 
+@pytest.mark.gpu
 def test_triton_nchw_input():
     _check(2, 20, 5, 7, 5, 1, False, layout="nchw")
     _check(2, 6, 4, 3, 5, 1, True, layout="nchw")
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_triton_half_precision(dtype):
     _check(2, 20, 5, 7, 5, 1, True, dtype=dtype)
 
 
+@pytest.mark.gpu
 def test_triton_small_tiles(monkeypatch):
     """GPU-sized tiles: several pixel tiles per image, several channel blocks and reduction chunks."""
     monkeypatch.setattr(triton_stage, "_tiles", lambda C, rows, cols, up, device, budget: (2, 4, 16))
@@ -173,8 +177,7 @@ def test_plain_backends_get_the_fused_contract_composed(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape,upsample", [((32, 1536, 16, 16), False), ((4, 360, 64, 64), False),
                                             ((8, 768, 8, 8), True)])
-def test_triton_large_shapes_on_gpu(shape, upsample, dtype, monkeypatch):
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)   # the reference's conv in full fp32
+def test_triton_large_shapes_on_gpu(shape, upsample, dtype):
     _check(*shape, 5, 1, upsample, dtype=dtype)
 
 

@@ -56,26 +56,27 @@ def _inputs(N, Cin, Cout, H, W, upsample, seed=1):
     return x, skip, dout
 
 
-def _leaf(t, dtype=None, layout="channels_last"):
+def _leaf(t, dtype=None, layout="channels_last", device=DEVICE):
     if t is None:
         return None
-    t = t.to(DEVICE, dtype or t.dtype)
+    t = t.to(device, dtype or t.dtype)
     if layout == "channels_last" and t.dim() == 4:
         t = t.contiguous(memory_format=torch.channels_last)
     return t.detach().clone().requires_grad_()
 
 
-def _run(backend, x, skip, dout, params, running, upsample, training, dtype, layout="channels_last"):
+def _run(backend, x, skip, dout, params, running, upsample, training, dtype, layout="channels_last",
+         device=DEVICE):
     """Output and gradients of one forward/backward; params and running statistics in fp32 (fp64
     for fp64 activations), as a model keeps them."""
     pdtype = torch.float64 if dtype == torch.float64 else torch.float32
-    xl, sl = _leaf(x, dtype, layout), _leaf(skip, dtype, layout)
-    pl = GenCellParams(*(None if t is None else _leaf(t, pdtype, "keep") for t in params))
-    rl = _copy_running(running, pdtype)
+    xl, sl = _leaf(x, dtype, layout, device), _leaf(skip, dtype, layout, device)
+    pl = GenCellParams(*(None if t is None else _leaf(t, pdtype, "keep", device) for t in params))
+    rl = _copy_running(running, pdtype, device)
     fn = gen_cell_ref if backend == "ref" else gen_cell
     with nvae_fast.use_backend(None if backend == "ref" else backend):
         out = fn(xl, pl, rl, sl, upsample, training, 0.05, 1e-5)
-        out.backward(dout.to(DEVICE, dtype))
+        out.backward(dout.to(device, dtype))
     grads = {"x": xl.grad, **({"skip": sl.grad} if sl is not None else {})}
     grads.update({name: t.grad for name, t in zip(GenCellParams._fields, pl) if t is not None})
     return out.detach(), grads, rl
@@ -173,6 +174,7 @@ TORCH_CASES = [
 ]
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("case", TORCH_CASES, ids=lambda c: "x".join(map(str, c)))
 def test_torch_backend_matches_reference_float64(case):
     N, Cin, Cout, E, k, H, W, upsample, training, se = case
@@ -217,6 +219,7 @@ TRITON_CASES = [
 ]
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("case", TRITON_CASES, ids=lambda c: "x".join(map(str, c)))
 def test_triton_matches_reference(case):
     N, Cin, Cout, E, k, H, W, upsample, training, se = case
@@ -233,6 +236,7 @@ def test_triton_matches_reference(case):
     _compare(got, expected, torch.float32, f"{case}", scale=25 if H * W > 1 or not upsample else 1e3)
 
 
+@pytest.mark.gpu
 def test_triton_nchw_input():
     params, running = _params(20, 20, 6, 5)
     x, skip, dout = _inputs(2, 20, 20, 5, 7, False)
@@ -268,12 +272,14 @@ def _check_half_against_autocast(case, dtype, x_offset=0.0):
         assert err <= 3 * eager_err + atol, f"{name}, {case} {dtype}: error {err:.3g}, eager's {eager_err:.3g}"
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("x_offset", [0.0, 15.0])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_triton_half_precision(dtype, x_offset):
     _check_half_against_autocast((2, 20, 10, 6, 5, 4, 4, True), dtype, x_offset)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_fp32_math_is_not_rounded_by_autocast(backend):
     """Autocast stays on inside custom ops; the op's own fp32 math (BN folds, SE MLP) must not
@@ -289,9 +295,7 @@ def test_fp32_math_is_not_rounded_by_autocast(backend):
 @requires_cuda
 @pytest.mark.parametrize("case", [(32, 128, 128, 6, 5, 8, 8, False), (16, 64, 32, 3, 5, 16, 16, True),
                                   (8, 96, 96, 6, 11, 8, 8, False)])
-def test_triton_large_shapes_on_gpu(case, monkeypatch):
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)   # fp32 GEMMs in full precision
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+def test_triton_large_shapes_on_gpu(case):
     N, Cin, Cout, E, k, H, W, upsample = case
     params, running = _params(Cin, Cout, E, k)
     x, skip, dout = _inputs(N, Cin, Cout, H, W, upsample)
@@ -327,6 +331,7 @@ def _nbytes(tensors):
     return total
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("backend,upsample", [("torch", False), ("torch", True), ("triton", False)])
 def test_saved_activations_are_x_a_c_e_and_statistics(backend, upsample):
     N, Cin, H, W = (8, 32, 16, 16) if backend == "torch" else (2, 8, 4, 4)
@@ -402,7 +407,7 @@ def _dist_worker(rank, init_file, backend, upsample, out_file):
         x, skip, dout = _inputs(N, Cin, Cout, 3, 4, upsample)
         part = slice(rank * N // 2, (rank + 1) * N // 2)
         out, grads, run = _run(backend, x[part], None if skip is None else skip[part], dout[part], params, running,
-                               upsample, True, torch.float32)
+                               upsample, True, torch.float32, device="cpu")
         for name in grads:
             if name not in ("x", "skip"):
                 dist.all_reduce(grads[name])   # DDP sums (then averages) the parameter gradients
@@ -418,14 +423,16 @@ def _dist_worker(rank, init_file, backend, upsample, out_file):
 
 
 @pytest.mark.parametrize("backend,upsample", [("triton", False), ("torch", True)])
-def test_two_ranks_equal_one_process_on_joined_batch(tmp_path, backend, upsample):
+def test_two_ranks_equal_one_process_on_joined_batch(tmp_path, monkeypatch, backend, upsample):
+    """Two gloo ranks on CPU tensors; on a GPU machine too, with Triton's interpreter in the ranks."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
     out_file = tmp_path / "out.pt"
     mp.spawn(_dist_worker, args=(str(tmp_path / "init"), backend, upsample, str(out_file)), nprocs=2, join=True)
     got = torch.load(out_file)
     N, Cin, Cout = 4, 6, 3 if upsample else 6
     params, running = _params(Cin, Cout, 3, 3)
     x, skip, dout = _inputs(N, Cin, Cout, 3, 4, upsample)
-    out, grads, run = _run("torch", x, skip, dout, params, running, upsample, True, torch.float32)
+    out, grads, run = _run("torch", x, skip, dout, params, running, upsample, True, torch.float32, device="cpu")
     assert_close(got["gathered"]["out"], out, scale=5, msg="output")
     assert_close(got["gathered"]["x"], grads["x"], scale=5, msg="grad x")
     for name, g in got["grads"].items():

@@ -74,6 +74,7 @@ def test_follows_custom_ops_into_their_implementation(launch_count):
     assert counts.launches > 0 and not counts.triton
 
 
+@pytest.mark.gpu   # on the GPU where there is one
 @pytest.mark.skipif(not (backend.triton_interpreted() or torch.cuda.is_available()),
                     reason="Triton needs a GPU or TRITON_INTERPRET=1")
 def test_counts_triton_launches_and_nothing_inside_them(launch_count):

@@ -109,7 +109,7 @@ class Trainer:
         self.optimizer = torch.optim.Adamax(self.model.parameters(), lr=cfg.learning_rate,
                                             weight_decay=cfg.weight_decay, eps=1e-3, foreach=True)
         self.scheduler = WarmupCosineLR(self.optimizer, steps_per_epoch, cfg.epochs, cfg.warmup_epochs,
-                                        cfg.learning_rate_min)
+                                        cfg.learning_rate_min, schedule=cfg.lr_schedule)
         self.dtype = amp_dtype(cfg.amp, rt.device)
         # The official recipe's fp16 scaler starts at 2**10.
         self.scaler = torch.amp.GradScaler(rt.device.type, init_scale=2.0 ** 10,
@@ -118,10 +118,8 @@ class Trainer:
                     if cfg.ema_decay > 0 else None)
         self.alphas = kl_balance_alphas(self.model.config.groups_per_scale).to(rt.device)
         self.guard = BadStepGuard(cfg.max_bad_steps)
-        # The spectral regulariser's power-iteration vectors start from random ones on the first
-        # call: make that call now, while every rank still draws the same numbers.
-        with torch.no_grad():
-            self.model.spectral_norm_parallel()
+        # Nothing here draws random numbers: the spectral regulariser's start vectors are drawn by
+        # its first call, in step 0 after the forward's noise, as in the official train.py.
         self.last_lr = cfg.learning_rate
         self.last_kl_coeff = 0.0
         self.step = 0          # global step: optimizer steps attempted (skipped ones included)
@@ -156,8 +154,9 @@ class Trainer:
         with autocast(self.rt.device, self.dtype):
             logits, log_q, log_p, kl_all, kl_diag = self.net(x, deterministic=deterministic)
             recon = reconstruction_loss(model.decoder_output(logits), x, model.config.crop_output)
+            global_balance = self.rt.distributed and cfg.kl_balance_scope == "global"
             kl, kl_weights, kl_per_group = balanced_kl(kl_all, kl_coeff, self.alphas,
-                                                       self._mean_over_batch if self.rt.distributed else None)
+                                                       self._mean_over_batch if global_balance else None)
             nelbo = (recon + kl).mean()
             norm_loss = model.spectral_norm_parallel()
             bn_loss = model.batchnorm_loss()
