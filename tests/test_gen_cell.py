@@ -489,6 +489,28 @@ def test_gemm_pipelining_fits_the_gpu_shared_memory(monkeypatch, limit, stages):
     assert gemm_stages(gpu_tensor, 64 * (32 + 64) * 4) == stages
 
 
+def test_gemm_tiles_per_shape():
+    """On a GPU (132 SMs) the GEMM stages take 128-row tiles where M fills the SMs, GEMM2's
+    forward a column block covering Cout (its prologue's sigmoids computed once), smaller tiles
+    where M is small; fp32 halves the K depth; the weight-gradient dots are >= 64 both ways."""
+    from types import SimpleNamespace
+
+    from nvae_fast.kernels.triton import gen_cell as kernels
+
+    def gpu(elem):
+        return SimpleNamespace(is_cuda=True, device="cuda:0", element_size=lambda: elem)
+
+    cifar = 32 * 16 * 16   # N H W of the CIFAR-10 decoder cell: C=256, EC=1536
+    assert kernels._gemm_blocks("conv1_forward", cifar, 256, 1536, gpu(2)) == (128, 128, 64, 8)
+    assert kernels._gemm_blocks("conv2_forward", cifar, 1536, 256, gpu(2)) == (64, 256, 32, 8)
+    assert kernels._gemm_blocks("conv2_backward_data", cifar, 256, 1536, gpu(2)) == (128, 128, 64, 8)
+    assert kernels._gemm_blocks("conv1_backward_data", cifar, 1536, 256, gpu(2)) == (128, 64, 64, 4)
+    assert kernels._gemm_blocks("conv1_forward", cifar, 256, 1536, gpu(4)) == (128, 128, 32, 8)
+    assert kernels._gemm_blocks("conv1_forward", 2 * 8 * 8, 20, 120, gpu(2)) == (64, 64, 32, 4)
+    for k1, k2, rows, warps in kernels._WEIGHT_GRAD_TILES.values():
+        assert k1 >= 64 and k2 >= 64 and rows >= 16
+
+
 # ---------------------------------------------------------------------------------------------
 # Launch budget (structural counts: what a GPU run would launch, counted on the CPU)
 # ---------------------------------------------------------------------------------------------
@@ -526,6 +548,9 @@ def test_normal_cell_launch_budget(launch_count):
     assert evaluation["triton_by_kernel"] == {"_forward_gemm_kernel": 2, "_forward_kernel": 1, "_output_kernel": 1}
     assert evaluation["aten_launches"] == 0 and evaluation["launches"] == 4 <= 6
     assert train["syncs"] == evaluation["syncs"] == 0
+    assert launch_count.cell_summary(counts) == {
+        "train_forward_backward": {"launches": 11, "budget": 20, "before": 208},
+        "eval_forward": {"launches": 4, "budget": 6, "before": 38}}
 
 
 @pytest.mark.skipif(not nvae_fast.backend.triton_interpreted(), reason="counts Triton launches under the interpreter")

@@ -42,18 +42,21 @@ _SHARED_LIMIT = {80: 166_912, 86: 101_376, 89: 101_376, 90: 232_448}
 _LAUNCH_OPTIONS = ("num_warps", "num_stages", "maxnreg")
 
 
-def _record_launches() -> list[tuple[JITFunction, tuple, dict]]:
+def _record_launches(shared_limit: int = min(_SHARED_LIMIT[80], _SHARED_LIMIT[90])
+                     ) -> list[tuple[JITFunction, tuple, dict]]:
     """Makes every ``kernel[grid](...)`` append (kernel, args, constexpr kwargs) instead of running,
-    and the launchers choose what they would choose on a GPU (block sizes, dot dtype, precision)."""
+    and the launchers choose what they would choose on a GPU (block sizes, dot dtype, precision,
+    pipelining depth for ``shared_limit`` bytes of shared memory per block)."""
     launches: list[tuple[JITFunction, tuple, dict]] = []
 
     def record(self, *args, grid, warmup, **kwargs):
         launches.append((self, args, kwargs))
 
     JITFunction.run = record
-    gemm_blocks, elementwise_blocks = gen_cell._gemm_blocks, gen_cell._elementwise_blocks
+    elementwise_blocks = gen_cell._elementwise_blocks
     dw_tiles, dw_chunk = dwconv_stage._tiles, dwconv_stage._chunk
-    gen_cell._gemm_blocks = lambda device, K, NOUT: gemm_blocks(_GPU, K, NOUT)
+    gen_cell._gpu = lambda t: True
+    gen_cell.gemm_stages = lambda t, stage_bytes: common.stages_within(shared_limit, stage_bytes)
     gen_cell._elementwise_blocks = lambda device, C, rows: elementwise_blocks(_GPU, C, rows)
     dwconv_stage._tiles = lambda C, rows, cols, up, device, budget: dw_tiles(C, rows, cols, up, _GPU, budget)
     dwconv_stage._chunk = lambda halo, device: dw_chunk(halo, _GPU)
@@ -207,7 +210,7 @@ def check(archs: list[int]) -> int:
 
 def report(arch: int, shape: tuple[int, int, int, int, int], dtype: torch.dtype, k: int, upsample: bool) -> int:
     """Prints registers, spills and shared memory of every kernel one cell launches at ``shape``."""
-    launches = _record_launches()
+    launches = _record_launches(_SHARED_LIMIT[arch])
     _launch_everything(dtype, k, upsample=upsample, stride2=False, kl=False, shape=shape)
     shown = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_K1", "BLOCK_K2", "BLOCK_C", "TH", "TW", "K", "UP", "IMGS")
     print(f"sm_{arch}, N, Cin, H, W, E = {shape}, {str(dtype).removeprefix('torch.')}, k={k}, upsample={upsample}")

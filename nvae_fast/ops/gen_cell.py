@@ -19,8 +19,8 @@ triton backend one kernel launch. Nothing runs between the stages: each stage re
 parameters and the statistics or backward sums the stages before it wrote and applies them in its
 prologue, and merges its own partial results in the kernel (the last program to finish merges,
 see nvae_fast/kernels/triton/common.py), including the running-statistics update and the
-squeeze-excitation MLP. Single process, training: 5 launches forward, 6 backward; eval: 4 (+1
-copy of the running statistics for a possible backward).
+squeeze-excitation MLP. Single process, training: 5 launches forward, 6 backward; eval: 4 (a
+backward through an eval forward packs the running statistics then).
 
 Forward::
 

@@ -180,7 +180,12 @@ def gemm_stages(t: torch.Tensor, stage_bytes: int) -> int:
     budgeted."""
     if not t.is_cuda:
         return 3
-    limit = getattr(torch.cuda.get_device_properties(t.device), "shared_memory_per_block_optin", 0)
+    return stages_within(getattr(torch.cuda.get_device_properties(t.device), "shared_memory_per_block_optin", 0),
+                         stage_bytes)
+
+
+def stages_within(limit: int, stage_bytes: int) -> int:
+    """:func:`gemm_stages` for a GPU with ``limit`` bytes of shared memory per block (0: unknown)."""
     if not limit:
         return 3
     return max(1, min(3, limit // (2 * max(stage_bytes, 1))))

@@ -42,7 +42,7 @@ import triton.language as tl
 
 from nvae_fast.kernels.triton.common import (
     arrival_counters, arrive, bn_affine, bn_backward_coefs, bn_invstd, counters_reset_on_error, dot_dtype,
-    dot_precision, finish_sums, finish_welford, gemm_stages, load_vector, merge_sum_slots, reduction_programs,
+    dot_precision, finish_sums, finish_welford, gemm_stages, load_vector, merge_sum_slots,
     store_welford, strides4, swish, swish_grad, two_level_groups, welford_tile,
 )
 
@@ -110,20 +110,30 @@ def _store(ptr, value, rows, row_ok, cols, col_ok, s_c):
 @triton.jit
 def _input_grad_tile(g_ptr, x_ptr, g_rows, x_rows, sg_c, sx_c, n, row_ok, ks, k_ok, K,
                      bw_ptr, bm_ptr, bv_ptr, sums_ptr, gate_ptr, dpool_ptr, eps, inv_count, g_scale, inv_hw,
-                     GATED: tl.constexpr, TRAINING: tl.constexpr):
+                     GATED: tl.constexpr, TRAINING: tl.constexpr, TILE_SAMPLE: tl.constexpr):
     """dL/dx on a [rows, ks] tile of a BatchNorm's input (ops.stage_args.BatchNormInputGrad):
     ``scale * g' + kx * (x - mean) + kc``, g' = g_scale * g (* gate[n] + d_pool[n] / HW); fp32,
-    zero outside the masks."""
+    zero outside the masks. With TILE_SAMPLE every row is of sample ``n`` (a scalar), so the
+    per-sample factors are per column; else ``n`` holds each row's sample."""
     scale, kx, kc = bn_backward_coefs(bw_ptr, bv_ptr, sums_ptr, ks, k_ok, K, eps, inv_count, TRAINING)
     mean = load_vector(bm_ptr, ks, k_ok)
     mask = row_ok[:, None] & k_ok[None, :]
-    g = _load(g_ptr, g_rows, row_ok, ks, k_ok, sg_c) * g_scale
-    if GATED:
-        per_sample = n[:, None] * K + ks[None, :]
-        g = g * tl.load(gate_ptr + per_sample, mask=mask, other=0.0) \
-            + tl.load(dpool_ptr + per_sample, mask=mask, other=0.0) * inv_hw
+    g = _load(g_ptr, g_rows, row_ok, ks, k_ok, sg_c)
     x = _load(x_ptr, x_rows, row_ok, ks, k_ok, sx_c)
-    return tl.where(mask, scale[None, :] * g + kx[None, :] * (x - mean[None, :]) + kc[None, :], 0.0)
+    if GATED:
+        if TILE_SAMPLE:
+            gate = tl.load(gate_ptr + n * K + ks, mask=k_ok, other=0.0)
+            d_pool = tl.load(dpool_ptr + n * K + ks, mask=k_ok, other=0.0)
+            p = (scale * g_scale * gate)[None, :]
+            r = (kc + scale * d_pool * inv_hw)[None, :]
+        else:
+            per_sample = n[:, None] * K + ks[None, :]
+            p = scale[None, :] * g_scale * tl.load(gate_ptr + per_sample, mask=mask, other=0.0)
+            r = kc[None, :] + scale[None, :] * inv_hw * tl.load(dpool_ptr + per_sample, mask=mask, other=0.0)
+    else:
+        p = (scale * g_scale)[None, :]
+        r = kc[None, :]
+    return tl.where(mask, p * g + kx[None, :] * (x - mean[None, :]) + r, 0.0)
 
 
 @triton.jit
@@ -402,16 +412,21 @@ def _conv2_backward_data_kernel(
     ws_ptr, ws2_ptr, cnt_ptr, sums_ptr, gw_ptr, gb_ptr,
     sg_n, sg_c, sg_h, sg_w, sx_n, sx_c, sx_h, sx_w, sc_n, sc_c, sc_h, sc_w, so_n, so_c, so_h, so_w,
     M, K, NOUT, HW, W, num_tiles, group, eps, inv_count, g_scale, inv_hw, c_eps,
-    GATED: tl.constexpr, TRAINING: tl.constexpr, IDX64: tl.constexpr,
+    GATED: tl.constexpr, TRAINING: tl.constexpr, TILE_SAMPLE: tl.constexpr, IDX64: tl.constexpr,
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """out = g2 = (de @ w) * swish'(BN2(c)) = dL/d(BN2 output) (w (K, NOUT) row-major in the
     activations' dtype); sums (2, NOUT) = BN2's backward sums (sum g2, sum g2 * (c - mean2)) and
-    its parameter gradients, merged in the kernel."""
+    its parameter gradients, merged in the kernel. TILE_SAMPLE: BLOCK_M divides H*W, so a tile's
+    rows are of one sample."""
     tile = tl.program_id(0)
     pid_n = tl.program_id(1)
     n, p, row_ok = _flat_rows(tile, M, HW, BLOCK_M)
+    if TILE_SAMPLE:
+        sample = (tile * BLOCK_M) // HW
+    else:
+        sample = n
     g_rows = _pix_offsets(n, p, W, sg_n, sg_h, sg_w, IDX64)
     x_rows = _pix_offsets(n, p, W, sx_n, sx_h, sx_w, IDX64)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -420,8 +435,9 @@ def _conv2_backward_data_kernel(
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < K
-        a = _input_grad_tile(g_ptr, gx_ptr, g_rows, x_rows, sg_c, sx_c, n, row_ok, ks, k_ok, K, bw_ptr, bm_ptr,
-                             bv_ptr, bsums_ptr, gate_ptr, dpool_ptr, eps, inv_count, g_scale, inv_hw, GATED, TRAINING)
+        a = _input_grad_tile(g_ptr, gx_ptr, g_rows, x_rows, sg_c, sx_c, sample, row_ok, ks, k_ok, K, bw_ptr, bm_ptr,
+                             bv_ptr, bsums_ptr, gate_ptr, dpool_ptr, eps, inv_count, g_scale, inv_hw, GATED, TRAINING,
+                             TILE_SAMPLE)
         w = tl.load(w_ptr + ks[:, None] * NOUT + cols[None, :], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         acc += tl.dot(a.to(DOT_DTYPE), w.to(DOT_DTYPE), input_precision=DOT_PRECISION)
     mask = row_ok[:, None] & col_ok[None, :]
@@ -444,7 +460,8 @@ def _weight_grad_kernel(
     w1_ptr, sums0_ptr, gw0_ptr, gb0_ptr,                                     # dW1 only: BN0's backward
     sg_n, sg_c, sg_h, sg_w, sx_n, sx_c, sx_h, sx_w, sz_n, sz_c, sz_h, sz_w,
     M, K1, K2, HW, W, rows_per_chunk, num_chunks, group, eps, inv_count, g_scale, inv_hw, z_eps,
-    GATED: tl.constexpr, TRAINING: tl.constexpr, B_SWISH: tl.constexpr, CONV1: tl.constexpr, IDX64: tl.constexpr,
+    GATED: tl.constexpr, TRAINING: tl.constexpr, TILE_SAMPLE: tl.constexpr, B_SWISH: tl.constexpr,
+    CONV1: tl.constexpr, IDX64: tl.constexpr,
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K1: tl.constexpr, BLOCK_K2: tl.constexpr,
 ):
@@ -479,10 +496,14 @@ def _weight_grad_kernel(
         row_ok = m < row_end
         n = m // HW
         p = m - n * HW
+        if TILE_SAMPLE:
+            sample = r0 // HW
+        else:
+            sample = n
         a = _input_grad_tile(g_ptr, gx_ptr, _pix_offsets(n, p, W, sg_n, sg_h, sg_w, IDX64),
-                             _pix_offsets(n, p, W, sx_n, sx_h, sx_w, IDX64), sg_c, sx_c, n, row_ok, k1, k1_ok, K1,
-                             bw_ptr, bm_ptr, bv_ptr, bsums_ptr, gate_ptr, dpool_ptr, eps, inv_count, g_scale, inv_hw,
-                             GATED, TRAINING)
+                             _pix_offsets(n, p, W, sx_n, sx_h, sx_w, IDX64), sg_c, sx_c, sample, row_ok, k1, k1_ok,
+                             K1, bw_ptr, bm_ptr, bv_ptr, bsums_ptr, gate_ptr, dpool_ptr, eps, inv_count, g_scale,
+                             inv_hw, GATED, TRAINING, TILE_SAMPLE)
         b = _load(z_ptr, _pix_offsets(n, p, W, sz_n, sz_h, sz_w, IDX64), row_ok, k2, k2_ok, sz_c)
         b = b * zscale[None, :] + zshift[None, :]
         if B_SWISH:
@@ -560,7 +581,8 @@ def _conv1_backward_data_kernel(
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < K
         a = _input_grad_tile(g_ptr, gx_ptr, g_rows, a_rows, sg_c, sa_c, n, row_ok, ks, k_ok, K, bw_ptr, bm_ptr,
-                             bv_ptr, bsums_ptr, bsums_ptr, bsums_ptr, a_eps, a_inv_count, 1.0, 1.0, False, TRAINING)
+                             bv_ptr, bsums_ptr, bsums_ptr, bsums_ptr, a_eps, a_inv_count, 1.0, 1.0, False, TRAINING,
+                             False)
         w = tl.load(w_ptr + ks[:, None] * NOUT + cols[None, :], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         acc += tl.dot(a.to(DOT_DTYPE), w.to(DOT_DTYPE), input_precision=DOT_PRECISION)
     scale, kx, kc = bn_backward_coefs(xw_ptr, xv_ptr, xsums_ptr, cols, col_ok, NOUT, eps, inv_count, TRAINING)
@@ -575,13 +597,58 @@ def _conv1_backward_data_kernel(
 # Launchers (the op layer has validated shapes, devices and dtypes; vectors are contiguous)
 # ---------------------------------------------------------------------------------------------
 
-def _gemm_blocks(device: torch.device, K: int, NOUT: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K); tl.dot needs every block dimension >= 16. The interpreter runs
-    programs one after another, so there tiles are larger."""
-    cap_m, cap_n, cap_k = (64, 64, 32) if device.type == "cuda" else (128, 128, 128)
-    block_n = min(max(16, triton.next_power_of_2(NOUT)), cap_n)
-    block_k = min(max(16, triton.next_power_of_2(K)), cap_k)
-    return cap_m, block_n, block_k
+# Tiles of the GEMM stages on a GPU, largest first: (BLOCK_M, BLOCK_N, BLOCK_K for 16-bit
+# operands, warps). A launch takes the first whose grid fills three quarters of the SMs at least
+# (else the last): 128-row tiles where M allows. GEMM2's forward computes a sigmoid per element of
+# its A tile in the prologue: its column block covers Cout (up to 256), so that each sigmoid is
+# computed once, not once per column block. Chosen with ptxas's report for sm_90 at the preset
+# shapes (tests/triton_aot.py --report): the first entries use <= 255 registers without spills,
+# except conv2_backward_data's (8 bytes); conv1_backward_data's epilogue (x, the residual and the
+# BN0 backward) needs its narrower tile not to spill.
+_GEMM_TILES = {
+    "conv1_forward": ((128, 128, 64, 8), (64, 128, 64, 4), (64, 64, 64, 4)),
+    "conv2_forward": ((64, 256, 32, 8), (64, 128, 64, 4), (32, 128, 64, 4)),
+    "conv2_backward_data": ((128, 128, 64, 8), (64, 128, 64, 4), (64, 64, 64, 4)),
+    "conv1_backward_data": ((128, 64, 64, 4), (64, 64, 64, 4)),
+}
+# Weight-gradient tiles: (BLOCK_K1, BLOCK_K2, BLOCK_M = rows per dot for 16-bit operands, warps),
+# both dot dims >= 64 where the matrix has them. dW2 = de^T @ swish(BN2(c)) covers Cout with its
+# K1 block, so that the B operand's sigmoids are computed once.
+_WEIGHT_GRAD_TILES = {"conv2": (256, 64, 32, 8), "conv1": (128, 128, 64, 8)}
+# Programs of a weight-gradient launch per SM: its row chunks are summed in the kernel.
+_WEIGHT_GRAD_PROGRAMS_PER_SM = 2
+
+
+def _gpu(t: torch.Tensor) -> bool:
+    """Whether a launch on t takes a GPU's tiles (the interpreter's are larger; the ahead-of-time
+    compile check of tests/triton_aot.py takes a GPU's for CPU tensors)."""
+    return t.is_cuda
+
+
+def _sm_count(device: torch.device) -> int:
+    """SMs of the GPU; 132 (an H100/H200) when compiling ahead of time without one."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132
+
+
+def _dim(limit: int, size: int) -> int:
+    """A block dimension: ``limit``, or the next power of two of ``size`` when smaller (>= 16 for tl.dot)."""
+    return min(limit, max(16, triton.next_power_of_2(size)))
+
+
+def _gemm_blocks(kind: str, M: int, K: int, NOUT: int, t: torch.Tensor) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, warps) of a GEMM stage over [M, K] x [K, NOUT] with operands like
+    t. The interpreter runs programs one after another, so there tiles are larger."""
+    if not _gpu(t):
+        return 128, _dim(128, NOUT), _dim(128, K), 4
+    fill = 3 * _sm_count(t.device) // 4
+    k_scale = 2 if t.element_size() == 4 else 1    # fp32 tiles: half the K depth in the same shared memory
+    candidates = [(bm, _dim(bn, NOUT), _dim(bk // k_scale, K), warps) for bm, bn, bk, warps in _GEMM_TILES[kind]]
+    for bm, bn, bk, warps in candidates:
+        if triton.cdiv(M, bm) * triton.cdiv(NOUT, bn) >= fill:
+            return bm, bn, bk, warps
+    return candidates[-1]
 
 
 def _elementwise_blocks(device: torch.device, C: int, rows: int) -> tuple[int, int]:
@@ -650,7 +717,8 @@ def _forward_gemm(x, bn, weight, swish_prologue, stats, running, sum_e):
     N, K, H, W = x.shape
     NOUT = weight.shape[0]
     HW = H * W
-    block_m, block_n, block_k = _gemm_blocks(x.device, K, NOUT)
+    block_m, block_n, block_k, warps = _gemm_blocks("conv2_forward" if swish_prologue else "conv1_forward", N * HW, K,
+                                                    NOUT, x)
     block_m, imgs, tiles_per_img = _image_tiling(N, HW, block_m)
     tiles = triton.cdiv(N, imgs) if imgs > 1 else N * tiles_per_img
     cblocks = triton.cdiv(NOUT, block_n)
@@ -668,7 +736,7 @@ def _forward_gemm(x, bn, weight, swish_prologue, stats, running, sum_e):
             IMAGE_SUMS=sum_e is not None and tiles_per_img == 1, IMAGE_PARTIALS=sum_e is not None and tiles_per_img > 1,
             IMGS=imgs,
             IDX64=_needs_int64(x, y), DOT_DTYPE=dot_dtype(x), DOT_PRECISION=dot_precision(x),
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
             num_stages=gemm_stages(x, (block_m + block_n) * block_k * x.element_size()))
     return y
 
@@ -751,7 +819,7 @@ def conv2_backward_data(de, c: torch.Tensor, bn2, w2: torch.Tensor, sums: torch.
     N, K, H, W = de.g.shape
     NOUT = c.shape[1]
     M = N * H * W
-    block_m, block_n, block_k = _gemm_blocks(c.device, K, NOUT)
+    block_m, block_n, block_k, warps = _gemm_blocks("conv2_backward_data", M, K, NOUT, c)
     tiles, cblocks = triton.cdiv(M, block_m), triton.cdiv(NOUT, block_n)
     group = two_level_groups(tiles)
     groups = triton.cdiv(tiles, group)
@@ -764,9 +832,10 @@ def conv2_backward_data(de, c: torch.Tensor, bn2, w2: torch.Tensor, sums: torch.
             *strides4(de.g), *strides4(de.x), *strides4(c), *strides4(out),
             M, K, NOUT, H * W, W, tiles, group, nums["eps"], nums["inv_count"], nums["g_scale"], nums["inv_hw"],
             bn2.eps,
-            GATED=nums["GATED"], TRAINING=nums["TRAINING"], IDX64=_needs_int64(de.g, de.x, c, out),
+            GATED=nums["GATED"], TRAINING=nums["TRAINING"], TILE_SAMPLE=H * W % block_m == 0,
+            IDX64=_needs_int64(de.g, de.x, c, out),
             DOT_DTYPE=dot_dtype(c), DOT_PRECISION=dot_precision(c), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-            num_stages=gemm_stages(c, (block_m + block_n) * block_k * c.element_size()))
+            num_warps=warps, num_stages=gemm_stages(c, (2 * block_m + block_n) * block_k * c.element_size()))
     return out
 
 
@@ -774,10 +843,16 @@ def _weight_grad(spec, z: torch.Tensor, zbn, out: torch.Tensor, conv1, w1=None, 
     N, K1, H, W = spec.g.shape
     K2 = z.shape[1]
     M = N * H * W
-    block_m, block_k2, block_k1 = _gemm_blocks(z.device, K1, K2)
-    block_k1 = min(block_k1, 64)
+    if _gpu(z):
+        k1, k2, block_m, warps = _WEIGHT_GRAD_TILES["conv1" if conv1 else "conv2"]
+        block_k1, block_k2 = _dim(k1, K1), _dim(k2, K2)
+        if z.element_size() == 4:
+            block_m //= 2     # fp32 tiles: half the rows per dot in the same shared memory
+    else:
+        block_k1, block_k2, block_m, warps = _dim(128, K1), _dim(128, K2), 128, 4
     grid_k = (triton.cdiv(K1, block_k1), triton.cdiv(K2, block_k2))
-    chunks = max(1, min(triton.cdiv(M, block_m), reduction_programs(z.device, grid_k[0] * grid_k[1])))
+    programs = _WEIGHT_GRAD_PROGRAMS_PER_SM * _sm_count(z.device) if _gpu(z) else 1
+    chunks = max(1, min(triton.cdiv(M, block_m), triton.cdiv(programs, grid_k[0] * grid_k[1])))
     rows_per_chunk = triton.cdiv(triton.cdiv(M, chunks), block_m) * block_m
     chunks = triton.cdiv(M, rows_per_chunk)
     group = two_level_groups(chunks)
@@ -793,10 +868,11 @@ def _weight_grad(spec, z: torch.Tensor, zbn, out: torch.Tensor, conv1, w1=None, 
             w1 if conv1 else out, sums0 if conv1 else out, grads0[0] if conv1 else out, grads0[1] if conv1 else out,
             *strides4(spec.g), *strides4(spec.x), *strides4(z),
             M, K1, K2, H * W, W, rows_per_chunk, chunks, group, nums["eps"], nums["inv_count"], nums["g_scale"],
-            nums["inv_hw"], zbn.eps, GATED=nums["GATED"], TRAINING=nums["TRAINING"], B_SWISH=not conv1, CONV1=conv1,
+            nums["inv_hw"], zbn.eps, GATED=nums["GATED"], TRAINING=nums["TRAINING"],
+            TILE_SAMPLE=H * W % block_m == 0, B_SWISH=not conv1, CONV1=conv1,
             IDX64=_needs_int64(spec.g, spec.x, z), DOT_DTYPE=dot_dtype(z), DOT_PRECISION=dot_precision(z),
-            BLOCK_M=block_m, BLOCK_K1=block_k1, BLOCK_K2=block_k2,
-            num_stages=gemm_stages(z, block_m * (block_k1 + block_k2) * z.element_size()))
+            BLOCK_M=block_m, BLOCK_K1=block_k1, BLOCK_K2=block_k2, num_warps=warps,
+            num_stages=gemm_stages(z, block_m * (2 * block_k1 + block_k2) * z.element_size()))
 
 
 def conv2_weight_grad(de, c: torch.Tensor, bn2, out: torch.Tensor) -> None:
@@ -818,7 +894,7 @@ def conv1_backward_data(da, w1: torch.Tensor, x: torch.Tensor, bn0, grad0, resid
     N, K, H, W = da.g.shape
     NOUT = x.shape[1]
     M = N * H * W
-    block_m, block_n, block_k = _gemm_blocks(x.device, K, NOUT)
+    block_m, block_n, block_k, warps = _gemm_blocks("conv1_backward_data", M, K, NOUT, x)
     out = torch.empty_like(x)
     res = residual if residual is not None else x
     ptrs, nums = _input_grad_args(da)
@@ -830,6 +906,6 @@ def conv1_backward_data(da, w1: torch.Tensor, x: torch.Tensor, bn0, grad0, resid
         M, K, NOUT, H * W, W, nums["eps"], nums["inv_count"], bn0.eps, 1.0 / grad0.count,
         TRAINING=grad0.training, HAS_RES=residual is not None, IDX64=_needs_int64(da.g, da.x, x, res, out),
         DOT_DTYPE=dot_dtype(x), DOT_PRECISION=dot_precision(x), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        num_stages=gemm_stages(x, (block_m + block_n) * block_k * x.element_size()),
+        num_warps=warps, num_stages=gemm_stages(x, (2 * block_m + block_n) * block_k * x.element_size()),
     )
     return out
