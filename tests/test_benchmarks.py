@@ -230,3 +230,34 @@ def test_a_missing_matplotlib_costs_the_chart_only(bench, monkeypatch, tmp_path,
     bench("harness").plot_bars(tmp_path / "c.png", [{"case": "a", "impl": "eager", "ms": 1.0}], ["case"], "impl",
                                [("ms", "ms")], "title")
     assert not (tmp_path / "c.png").exists() and "matplotlib is not installed" in capsys.readouterr().out
+
+
+def test_cell_floor_is_the_largest_resource_time(bench):
+    """The floor arithmetic, no timing: the CIFAR-10 decoder cell (N=32, C=256, 16x16, E=6, k=5)
+    in bf16 is tensor-core-bound, a KL group is HBM-bound, fp32 GEMMs without TF32 join the
+    depthwise work on the FP32 cores; the fused cell's launches move at least the ideal bytes."""
+    cell_bench, preset_shapes = bench("cell_bench"), bench("preset_shapes")
+    dec = cell_bench.Workload("cifar10", "dec_e6",
+                              preset_shapes.CellShape("normal_dec", ("mconv_e6k5g0",), 32, 256, 256, 16, 16, True, 58))
+    counts = cell_bench.traffic(dec, 2)
+    M, C, EC = 32 * 16 * 16, 256, 1536
+    assert counts["gemm_flop"] == 4 * M * C * EC and counts["dw_flop"] == 2 * M * EC * 25
+    assert counts["bytes_fwd_bwd"] == 2 * (2 * (M * C + M * C + 2 * M * EC + M * C) + M * C)
+    floor = cell_bench.floors(counts, torch.bfloat16, hbm_GBs=4300.0)
+    assert floor["bound_fwd_bwd"] == "tensor"
+    assert floor["floor_fwd_bwd_us"] == pytest.approx(3 * 4 * M * C * EC / 790e6)
+    assert floor["hbm_fwd_bwd_us"] == pytest.approx(counts["bytes_fwd_bwd"] / 4300e3)
+    assert floor["fp32_fwd_bwd_us"] == pytest.approx(3 * 2 * M * EC * 25 / 67e6)
+    assert floor["sfu_fwd_bwd_us"] == pytest.approx(2 * 2 * (2 * M * EC + 32 * C) / 4180e3)
+    assert max(floor[f"{r}_fwd_bwd_us"] for r in ("hbm", "tensor", "fp32", "sfu")) == floor["floor_fwd_bwd_us"]
+
+    fp32 = cell_bench.floors(cell_bench.traffic(dec, 4), torch.float32, hbm_GBs=4300.0, tf32=False)
+    assert fp32["tensor_fwd_bwd_us"] == 0 and fp32["bound_fwd_bwd"] == "fp32"
+    assert fp32["fp32_fwd_bwd_us"] == pytest.approx(3 * (4 * M * C * EC + 2 * M * EC * 25) / 67e6)
+
+    kl = cell_bench.Workload("cifar10", "kl", preset_shapes.LatentShape(32, 20, 16, 16, 30))
+    assert cell_bench.floors(cell_bench.traffic(kl, 2), torch.bfloat16)["bound_fwd_bwd"] == "hbm"
+
+    stages = cell_bench.fused_cell_stages(32, 256, 256, 16, 16, 6, False, 2)
+    assert len(stages) == 11
+    assert sum(s["read_bytes"] + s["write_bytes"] for s in stages) >= counts["bytes_fwd_bwd"]

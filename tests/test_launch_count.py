@@ -95,7 +95,8 @@ def test_counts_triton_launches_and_nothing_inside_them(launch_count):
 def test_cli_prints_the_cell_counts_as_json(launch_count, capsys, tmp_path):
     out = tmp_path / "counts.json"
     assert launch_count.main(["--workloads", "cell", "--backend", "torch", "--output", str(out)]) == 0
-    printed = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    printed = json.loads(captured.out)
     assert printed == json.loads(out.read_text())
     cells = {c["cell_type"]: c for c in printed["cells"]}
     assert set(cells) == {"normal_dec", "up_dec"}
@@ -103,6 +104,11 @@ def test_cli_prints_the_cell_counts_as_json(launch_count, capsys, tmp_path):
         for phase in ("train_forward_backward", "eval_forward"):
             assert cell[phase]["launches"] == cell[phase]["aten_launches"] > 0
             assert cell[phase]["syncs"] == 0
+            # the torch backend is the eager reference: no fused-cell budget is claimed for it
+            summary = printed["summary"][cell["cell_type"]][phase]
+            assert summary["launches"] == cell[phase]["launches"] and "budget" not in summary
+    assert printed["summary"]["up_dec"]["train_forward_backward"]["of_which_skip_weight_norm"] > 0
+    assert "normal_dec: " in captured.err and "up_dec: " in captured.err
 
 
 def test_cli_rejects_unknown_workloads(launch_count, capsys):
