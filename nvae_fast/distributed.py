@@ -63,12 +63,8 @@ def all_gather_moments(
 
 def assert_on_device(condition: torch.Tensor, message: str) -> None:
     """Raises (RuntimeError with ``message``) unless the 0-d bool ``condition`` holds, without
-    making the host wait for a GPU: on the CPU it is checked at once, elsewhere (and in compiled
+    making the host wait for a GPU: on the CPU it is checked at once, on a GPU (and in compiled
     code) by a device-side assert that fails at the next synchronisation."""
-    if condition.device.type == "cpu" and not torch.compiler.is_compiling():
-        if not condition:
-            raise RuntimeError(message)
-        return
     torch._assert_async(condition, message)
 
 

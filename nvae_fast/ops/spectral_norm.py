@@ -115,9 +115,12 @@ def _setup_context(ctx, inputs, output) -> None:
     f, layers, u, v, iterations, eps = inputs
     ctx.save_for_backward(output[1], output[2], layers)
     ctx.numel, ctx.dtype = f.numel(), f.dtype
+    ctx.set_materialize_grads(False)   # the vectors carry no gradient: no zeros for them
 
 
 def _backward(ctx, grad_sigma, grad_u, grad_v):
+    if grad_sigma is None:
+        return None, None, None, None, None, None
     u, v, layers = ctx.saved_tensors
     df = torch.ops.nvae_fast.spectral_norm_backward(grad_sigma.contiguous(), u, v, layers, ctx.numel)
     return df.to(ctx.dtype), None, None, None, None, None

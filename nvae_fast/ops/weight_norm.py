@@ -144,9 +144,12 @@ def _setup_context(ctx, inputs, output) -> None:
     w, g, row_ptr, first_wn_row, mask, mask_start, eps = inputs
     ctx.save_for_backward(w, g, output[1], row_ptr, mask)
     ctx.first_wn_row, ctx.mask_start, ctx.eps = first_wn_row, mask_start, eps
+    ctx.set_materialize_grads(False)   # the norms carry no gradient: no zeros for them
 
 
 def _backward(ctx, grad_out, grad_norm):
+    if grad_out is None:
+        return None, None, None, None, None, None, None
     w, g, norm, row_ptr, mask = ctx.saved_tensors
     dw, dg = torch.ops.nvae_fast.weight_norm_backward(grad_out.contiguous(), w, g, norm, row_ptr, ctx.first_wn_row,
                                                       mask, ctx.mask_start, ctx.eps)

@@ -147,7 +147,8 @@ def _should_evaluate(epoch: int, cfg: TrainConfig) -> bool:
 
 def run_training(model_cfg, cfg: TrainConfig, run_dir: str | Path, rt: Runtime, *, resume: bool = False,
                  stop_after_step: int | None = None, export_official: bool = False,
-                 export_safetensors: bool = False, tensorboard: bool = True) -> TrainResult:
+                 export_safetensors: bool = False, tensorboard: bool = True, compile: bool = False,
+                 cuda_graphs: bool = False) -> TrainResult:
     """Trains an ``NVAE(model_cfg)`` with ``cfg`` on ``rt``, writing into ``run_dir``.
 
     Args:
@@ -156,6 +157,8 @@ def run_training(model_cfg, cfg: TrainConfig, run_dir: str | Path, rt: Runtime, 
             schedules still follow ``cfg.epochs``, so ``resume`` continues the same run.
         export_official, export_safetensors: at the end, also write the weights in the official
             checkpoint format and as safetensors.
+        compile, cuda_graphs: the training step under ``torch.compile`` / replayed as a CUDA graph
+            (see :class:`nvae_fast.train.trainer.Trainer`).
     """
     run_dir = Path(run_dir)
     monitor = Monitor(run_dir, enabled=rt.is_main, tensorboard=tensorboard)
@@ -168,7 +171,7 @@ def run_training(model_cfg, cfg: TrainConfig, run_dir: str | Path, rt: Runtime, 
         model = _build_model(model_cfg)
         fmt, train_loader, test_loader = _loaders(model_cfg, cfg, rt)
         steps_per_epoch = len(train_loader)
-        trainer = Trainer(model, cfg, rt, steps_per_epoch)
+        trainer = Trainer(model, cfg, rt, steps_per_epoch, compile=compile, cuda_graphs=cuda_graphs)
         # Same initial weights on every rank (above); from here on each rank draws its own noise.
         torch.manual_seed(int(np.random.SeedSequence([cfg.seed, rt.rank, 1]).generate_state(1)[0]))
         n_params = sum(p.numel() for p in model.parameters())

@@ -70,7 +70,7 @@ class GuardedAdamax(torch.optim.Adamax):
             flat = torch.cat([g.reshape(-1) for g in grads])
             flat.masked_fill_(flag == 0, 0.0)
             grads = [piece.view_as(g) for piece, g in zip(flat.split([g.numel() for g in grads]), grads)]
-        torch._foreach_add_(list(steps), flag)
+        torch._foreach_add_(list(steps), flag, alpha=1.0)   # alpha picks the overload that keeps flag a tensor
         if group["weight_decay"] != 0:
             grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
         elif ok is None:
