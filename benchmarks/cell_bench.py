@@ -20,10 +20,14 @@ references, the official code's arithmetic), ``compile`` / ``compile-max-autotun
 dispatcher (every op reports the backend it ran; a backend that no op here implements is
 reported, not timed).
 
-Floors: bytes an ideal fused implementation must move through HBM (inputs once, outputs once,
-plus the saved activations written in forward and read back in backward), divided by the copy
-bandwidth measured in this run; FLOPs split into GEMM/convolution work (tensor cores) and the
-depthwise convolution (FP32 CUDA cores). benchmarks/README.md gives every count.
+Floors: a workload's floor is the largest of the times its unavoidable work needs on each
+resource: HBM bytes an ideal fused implementation must move (inputs once, outputs once, plus the
+saved activations written in forward and read back in backward) over the copy bandwidth measured
+in this run; tensor-core FLOPs (GEMMs, convolutions), FP32 CUDA-core FLOPs (the depthwise
+convolution) and special-function operations (sigmoids) over the H200's rates (``H200``). Rows
+record each time, the floor, what bounds it and the achieved fraction (``pct_floor_*``); triton
+rows of the inverted-residual cells also the bytes the fused cell's launches move
+(``fused_bytes_*``, ``fused_cell_stages``). benchmarks/README.md gives every count.
 
     python benchmarks/cell_bench.py                          # GPU: cifar10, celeba_64, celeba_256
     python benchmarks/cell_bench.py --presets cifar10 --cells dec_e6,kl --impls eager,triton
@@ -176,24 +180,40 @@ def workloads(presets: list[str], kinds: list[str], cell_types: list[str] | None
 
 
 # ---------------------------------------------------------------------------------------------
-# Counting: HBM bytes of an ideal fused implementation, and FLOPs
+# Counting: the floors (HBM bytes, tensor-core FLOPs, FP32 FLOPs, special-function operations)
 # ---------------------------------------------------------------------------------------------
 
-def traffic(w: Workload, elem: int) -> dict[str, float]:
-    """Bytes moved by an ideal fused training step and its FLOPs (see benchmarks/README.md).
+# The H200's rates the floors divide by. HBM: the device-to-device copy measured on it (read +
+# write bytes); a run on a GPU divides by its own measured copy instead. Tensor cores: dense
+# bf16/fp16 as measured (~790 of the 989 TFLOP/s on the data sheet), TF32 (fp32 GEMMs, PyTorch's
+# default for convolutions) half that. FP32 CUDA cores: 132 SMs x 128 FMA/clock x 2 x 1.98 GHz.
+# Special-function units: 16 MUFU operations (ex2, rcp, ...) per clock per SM, 4.18 T/s; a
+# sigmoid costs two (ex2 and rcp), and its derivative reuses it.
+H200 = {"hbm_GBs": 4300.0, "tensor_TFLOPs": {"bfloat16": 790.0, "float16": 790.0, "float32": 395.0},
+        "fp32_TFLOPs": 67.0, "sfu_Gops": 4180.0}
+SFU_PER_SIGMOID = 2
 
-    Returns bytes_fwd, bytes_fwd_bwd, and gemm_flop / dw_flop for the forward (forward+backward
-    is three times each: the input gradient and the weight gradient each cost one forward).
+
+def traffic(w: Workload, elem: int) -> dict[str, float]:
+    """The work an ideal fused training step cannot avoid (see benchmarks/README.md "The floors").
+
+    Returns bytes_fwd, bytes_fwd_bwd (HBM bytes: inputs read once, outputs written once, the saved
+    activations written in forward and read back in backward), gemm_flop (tensor cores) and
+    dw_flop (FP32 CUDA cores: the depthwise convolution) of the forward (forward+backward is three
+    times each: the input and the weight gradients each cost one forward), and sfu_fwd,
+    sfu_fwd_bwd (special-function operations: one sigmoid per activation element and pass, its
+    derivative and a recomputed Swish reusing it; the KL's tanh, exp).
     """
     N, C, H, W = w.input_shape
     _, Co, Ho, Wo = w.output_shape
     x, out = N * C * H * W, N * Co * Ho * Wo
-    if w.kind == "kl":
-        n = x  # read mu_p, log_sigma_p, mu_q, log_sigma_q, eps; write z | read them and dz, write 4 grads
-        return dict(bytes_fwd=6 * n * elem, bytes_fwd_bwd=16 * n * elem, gemm_flop=0.0, dw_flop=0.0)
-    if w.kind == "kl_flow":
-        n = x  # read the 4 params, eps, log_det | read them again, write 4 grads and d log_det
-        return dict(bytes_fwd=6 * n * elem, bytes_fwd_bwd=17 * n * elem, gemm_flop=0.0, dw_flop=0.0)
+    if w.kind in ("kl", "kl_flow"):
+        n = x
+        # soft clamps (tanh = ex2 + rcp) of four parameter tensors, two exp for the sigmas
+        sfu = n * (4 * 2 + 2)
+        moved = (6, 16) if w.kind == "kl" else (6, 17)
+        return dict(bytes_fwd=moved[0] * n * elem, bytes_fwd_bwd=moved[1] * n * elem, gemm_flop=0.0, dw_flop=0.0,
+                    sfu_fwd=float(sfu), sfu_fwd_bwd=float(2 * sfu))
     s = w.shape
     if w.kind in ("dec_e6", "dec_e3"):
         E, k = _mconv_params(s.ops[0])
@@ -203,8 +223,9 @@ def traffic(w: Workload, elem: int) -> dict[str, float]:
         saved = M_in * EC + M_out * EC + M_out * Co
         gemm = 2 * M_in * C * EC + 2 * M_out * EC * Co
         if _resample(s.cell_type) == "up":
-            gemm += 2 * M_out * C * Co  # the skip's 1x1 conv after bilinear upsampling
+            gemm += 2 * M_in * C * Co  # the skip's 1x1 conv, at the input resolution (it commutes with the upsampling)
         dw = 2 * M_out * EC * k * k
+        sigmoids = M_in * EC + M_out * EC + (N * Co if s.use_se else 0)   # swish(BN1(a)), swish(BN2(c)), SE
     else:
         M_out = N * Ho * Wo
         # saved: the inputs of the second BN-Swish and of SE (the first BN-Swish input is x)
@@ -213,9 +234,64 @@ def traffic(w: Workload, elem: int) -> dict[str, float]:
         if _resample(s.cell_type) == "down":
             gemm += 2 * M_out * C * Co  # FactorizedReduce: four strided 1x1 convs, C -> Co in all
         dw = 0
+        sigmoids = x + M_out * Co + (N * Co if s.use_se else 0)
     fwd = x + out + saved
     bwd = out + x + saved + x  # read dout, x, the saved activations; write dx
-    return dict(bytes_fwd=fwd * elem, bytes_fwd_bwd=(fwd + bwd) * elem, gemm_flop=float(gemm), dw_flop=float(dw))
+    sfu = SFU_PER_SIGMOID * sigmoids
+    return dict(bytes_fwd=fwd * elem, bytes_fwd_bwd=(fwd + bwd) * elem, gemm_flop=float(gemm), dw_flop=float(dw),
+                sfu_fwd=float(sfu), sfu_fwd_bwd=float(2 * sfu))
+
+
+def floors(counts: dict[str, float], dtype: torch.dtype, hbm_GBs: float | None = None, tf32: bool = True
+           ) -> dict[str, float | str]:
+    """Per phase (fwd, fwd_bwd): the time in microseconds each resource needs at the H200's rates
+    (HBM at ``hbm_GBs`` GB/s when measured), the floor (the largest) and what bounds it.
+
+    ``counts`` holds :func:`traffic`'s keys. fp32 GEMMs run on the tensor cores as TF32 when
+    ``tf32`` (PyTorch's convolution default, which the fused kernels follow), else on the FP32
+    CUDA cores with the depthwise convolution."""
+    on_tensor_cores = dtype != torch.float32 or tf32
+    tensor_flop = counts["gemm_flop"] if on_tensor_cores else 0.0
+    fp32_flop = counts["dw_flop"] + (0.0 if on_tensor_cores else counts["gemm_flop"])
+    tensor = H200["tensor_TFLOPs"][str(dtype).removeprefix("torch.")]
+    out: dict[str, float | str] = {}
+    for phase, passes in (("fwd", 1), ("fwd_bwd", 3)):
+        times = {
+            "hbm": counts[f"bytes_{phase}"] / ((hbm_GBs or H200["hbm_GBs"]) * 1e3),
+            "tensor": passes * tensor_flop / (tensor * 1e6),
+            "fp32": passes * fp32_flop / (H200["fp32_TFLOPs"] * 1e6),
+            "sfu": counts[f"sfu_{phase}"] / (H200["sfu_Gops"] * 1e3),
+        }
+        for name, us in times.items():
+            out[f"{name}_{phase}_us"] = us
+        bound = max(times, key=times.get)
+        out[f"floor_{phase}_us"], out[f"bound_{phase}"] = times[bound], bound
+    return out
+
+
+def fused_cell_stages(N: int, C: int, Co: int, H: int, W: int, E: int, upsample: bool, elem: int
+                      ) -> list[dict[str, float | str]]:
+    """What each launch of nvae_fast's fused cell (triton backend) reads and writes in HBM, in
+    bytes, once per element (a stage that rereads a tile for another column block reads it from L2;
+    per-channel statistics, sums and weights left out). The up-cell's skip (a 1x1 convolution and
+    a bilinear upsampling, outside the fused op) is not included."""
+    Ho, Wo = (2 * H, 2 * W) if upsample else (H, W)
+    x, a = N * C * H * W, N * E * C * H * W
+    c, e = N * E * C * Ho * Wo, N * Co * Ho * Wo
+    stages = [  # (stage, elements read, elements written)
+        ("bn_stats: BN0 statistics", x, 0),
+        ("conv1_forward: a = BN0(x) @ W1^T", x, a),
+        ("dwconv forward: c = dw(swish(BN1(a)))", a, c),
+        ("conv2_forward: e = swish(BN2(c)) @ W2^T", c, e),
+        ("output_forward: out = skip + 0.1 BN3(e) se", 2 * e, e),
+        ("output_backward: sums of dout, dout e; SE", 2 * e, 0),
+        ("conv2_backward_data: g2 = de @ W2 * swish'", 2 * e + c, c),
+        ("conv2_weight_grad: dW2 = de^T swish(BN2(c))", 2 * e + c, 0),
+        ("dwconv backward: g1, dWdw (dc from g2, c)", 2 * c + a, a),
+        ("conv1_weight_grad: dW1, BN0 sums", 2 * a + x, 0),
+        ("conv1_backward_data: dx", 2 * a + x + (0 if upsample else e), x),
+    ]
+    return [dict(stage=name, read_bytes=float(r * elem), write_bytes=float(wr * elem)) for name, r, wr in stages]
 
 
 def _mconv_params(op: str) -> tuple[int, int]:
@@ -259,6 +335,12 @@ def measure(w: Workload, impl: str, dtype: torch.dtype, memory_format: torch.mem
     }
     elem = torch.empty((), dtype=dtype).element_size()
     row.update(traffic(w, elem))
+    if impl == "triton" and w.kind in ("dec_e6", "dec_e3"):
+        E, _ = _mconv_params(w.shape.ops[0])
+        stages = fused_cell_stages(*w.input_shape[:2], w.shape.c_out, *w.input_shape[2:], E,
+                                   _resample(w.cell_type) == "up", elem)
+        row["fused_bytes_fwd"] = sum(st["read_bytes"] + st["write_bytes"] for st in stages[:5])
+        row["fused_bytes_fwd_bwd"] = sum(st["read_bytes"] + st["write_bytes"] for st in stages)
     forced = harness.forced_backend(impl)
     try:
         torch.manual_seed(0)
@@ -299,9 +381,11 @@ def measure(w: Workload, impl: str, dtype: torch.dtype, memory_format: torch.mem
         flop = (1 if phase == "fwd" else 3) * (row["gemm_flop"] + row["dw_flop"])
         row[f"GBs_{phase}"] = nbytes / (ms * 1e-3) / 1e9
         row[f"TFLOPs_{phase}"] = flop / (ms * 1e-3) / 1e12
-        if copy_gbs is not None:
-            row[f"floor_{phase}_ms"] = nbytes / (copy_gbs * 1e9) * 1e3
-            row[f"pct_floor_{phase}"] = 100 * row[f"floor_{phase}_ms"] / ms
+    if copy_gbs is not None:   # a GPU run: its own copy bandwidth for the HBM floor, the H200's other rates
+        row.update(floors(row, dtype, copy_gbs, tf32=torch.backends.cudnn.allow_tf32))
+        for phase in ("fwd", "fwd_bwd"):
+            row[f"floor_{phase}_ms"] = row[f"floor_{phase}_us"] * 1e-3
+            row[f"pct_floor_{phase}"] = 100 * row[f"floor_{phase}_ms"] / row[f"{phase}_ms"]
     return row
 
 
@@ -341,8 +425,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: the first shape of each workload, 3 repetitions, no torch.compile")
-    parser.add_argument("--out", type=Path, help="JSON path, PNG beside it (default: benchmarks/results/ for full "
-                                                  "GPU runs, benchmarks/scratch/ otherwise)")
+    parser.add_argument("--out", type=Path, help="JSON path, PNG beside it (default: benchmarks/results/<gpu>/ for "
+                                                  "full GPU runs, benchmarks/scratch/ otherwise)")
+    harness.add_run_arguments(parser)
     args = parser.parse_args(argv)
     if args.batch is not None and args.batch < 1:
         parser.error(f"--batch must be positive, got {args.batch}")
@@ -353,8 +438,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    env = harness.environment()
+    device = harness.run_device(args.device)
+    time_limit = harness.TimeLimit(args.time_limit)
+    env = harness.environment(device)
     if device.type == "cpu":
         print("No CUDA device: CPU timings at small shapes (the tiny_cifar10 preset unless --presets is given); "
               "they say nothing about GPU performance.")
@@ -369,12 +455,19 @@ def main(argv: list[str] | None = None) -> int:
     impls = args.impls or list(harness.IMPLS)
     memory_format = torch.channels_last if args.memory_format == "channels_last" else torch.contiguous_format
     copy_gbs = harness.copy_bandwidth_gbs(device)
+    json_path, png_path = harness.output_paths("cell_bench", device, args.quick, args.out, "+".join(presets))
+    rows: list[dict[str, Any]] = []
+    payload = {
+        "benchmark": "cell_bench", "environment": env, "backends": backend.status(), "copy_GBs": copy_gbs,
+        "quick": args.quick, "reps": reps, "warmup": warmup, "memory_format": args.memory_format,
+        "presets": {p: {"batch": args.batch or PRESET_BATCH[p]} for p in presets},
+        "finished": False, "results": rows}
 
-    rows = []
     for w in chosen:
         for dtype_name in args.dtypes:
             for impl in impls:
                 reason = harness.skip_reason(impl, device, requested=not args.quick or args.impls is not None)
+                reason = reason or time_limit.reason()
                 if reason is not None:
                     rows.append({"preset": w.preset, "kind": w.kind, "cell_type": w.cell_type,
                                  "shape": "x".join(map(str, w.input_shape)), "count": w.shape.count,
@@ -385,17 +478,14 @@ def main(argv: list[str] | None = None) -> int:
                                     copy_gbs))
                 print(f"  {w.preset} {w.kind} {w.cell_type} {rows[-1]['shape']} {dtype_name} {impl}: "
                       f"{rows[-1]['status']}", flush=True)
+                harness.write_json(json_path, payload)
     _with_speedups(rows)
+    payload["finished"] = True
 
     print(harness.format_report(rows, ["preset", "kind", "cell_type", "shape", "count", "dtype", "impl", "fwd_ms",
                                        "fwd_bwd_ms", "speedup", "model_ms", "GBs_fwd_bwd", "pct_floor_fwd_bwd",
-                                       "peak_mem_MB", "saved_MB", "status"]))
-    json_path, png_path = harness.output_paths("cell_bench", device, args.quick, args.out, "+".join(presets))
-    harness.write_json(json_path, {
-        "benchmark": "cell_bench", "environment": env, "backends": backend.status(), "copy_GBs": copy_gbs,
-        "quick": args.quick, "reps": reps, "warmup": warmup, "memory_format": args.memory_format,
-        "presets": {p: {"batch": args.batch or PRESET_BATCH[p]} for p in presets},
-        "results": rows})
+                                       "bound_fwd_bwd", "peak_mem_MB", "saved_MB", "status"]))
+    harness.write_json(json_path, payload)
     harness.plot_bars(png_path, rows, ["preset", "kind", "cell_type", "shape", "dtype"], "impl",
                       [("fwd_ms", "forward, median ms"), ("fwd_bwd_ms", "forward+backward, median ms")],
                       title=f"NVAE cells, one training step - {env['device']}")

@@ -56,8 +56,11 @@ class Timing:
     times_ms: list[float] = field(repr=False)
 
 
-def environment() -> dict[str, Any]:
-    """Device, driver and library versions, and the git commit: stored with every result file."""
+def environment(device: torch.device | None = None) -> dict[str, Any]:
+    """Device, driver and library versions, and the git commit: stored with every result file.
+    ``device`` is where the timings run (default: the GPU if there is one)."""
+    if device is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     info: dict[str, Any] = {
         "torch": torch.__version__,
         "python": platform.python_version(),
@@ -72,8 +75,8 @@ def environment() -> dict[str, Any]:
         info["triton"] = triton.__version__
     except ImportError:
         info["triton"] = None
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
         info.update(
             device=props.name,
             sm_count=props.multi_processor_count,
@@ -85,12 +88,57 @@ def environment() -> dict[str, Any]:
             tf32_cudnn=torch.backends.cudnn.allow_tf32,
             cudnn_benchmark=torch.backends.cudnn.benchmark,
         )
+    elif torch.cuda.is_available():
+        info["device"] = f"CPU ({os.cpu_count()} cores; the GPU was not used): timings are CPU timings"
     else:
         info["device"] = f"CPU only ({os.cpu_count()} cores): timings are CPU timings"
     return info
 
 
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--device`` and ``--time-limit``, the same in every benchmark."""
+    parser.add_argument("--device", choices=["cuda", "cpu"],
+                        help="where to time (default: cuda when a GPU is visible, else cpu)")
+    parser.add_argument("--time-limit", type=_positive_seconds, metavar="SECONDS",
+                        help="start no new row after SECONDS (the rest are recorded as not run); the JSON is "
+                             "rewritten after every row, so a run stopped from outside keeps what it measured")
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
+def run_device(name: str | None) -> torch.device:
+    """The device ``--device`` names (default: cuda when available); cuda without a GPU is an error."""
+    if name is None:
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible to PyTorch")
+    return torch.device(name)
+
+
+class TimeLimit:
+    """``--time-limit``: why a row is not started any more, or None while there is time."""
+
+    def __init__(self, seconds: float | None) -> None:
+        self.seconds = seconds
+        self.end = None if seconds is None else time.monotonic() + seconds
+
+    def reason(self) -> str | None:
+        if self.end is not None and time.monotonic() > self.end:
+            return f"not run: --time-limit of {self.seconds:g} s reached"
+        return None
+
+
 def _git_commit() -> str | None:
+    """HEAD (with -dirty for local changes), or NVAE_FAST_GIT_COMMIT where the tree has no .git
+    (benchmarks/gpu_check.py passes its --commit on)."""
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
                              cwd=Path(__file__).resolve().parent)
@@ -98,7 +146,7 @@ def _git_commit() -> str | None:
                                text=True, cwd=Path(__file__).resolve().parent).stdout.strip()
         return out.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
-        return None
+        return os.environ.get("NVAE_FAST_GIT_COMMIT") or None
 
 
 def _nvidia_smi(query: str) -> str | None:
@@ -243,12 +291,12 @@ def skip_reason(impl: str, device: torch.device, requested: bool = True) -> str 
         raise ValueError(f"unknown implementation {impl!r}; expected one of {', '.join(IMPLS)}")
     if impl in COMPILE_MODES and not requested:
         return "not requested (--quick leaves torch.compile out unless --impls names it)"
+    if impl == "triton" and device.type == "cpu":
+        return "not timed: on the CPU Triton runs only in its interpreter, a correctness tool"
     if impl in ("triton", "cuda"):
         reason = backend.unavailable_reason(impl, device)
         if reason is not None:
             return f"not available: {reason}"
-        if impl == "triton" and device.type == "cpu":
-            return "not timed: on the CPU Triton runs in its interpreter, a correctness tool"
     return None
 
 
@@ -361,15 +409,20 @@ def dispatch_verdict(impl: str, chosen: dict[str, str]) -> str | None:
     return None
 
 
+def device_slug(name: str) -> str:
+    """A GPU's name as a directory name: ``NVIDIA H200`` -> ``NVIDIA_H200``."""
+    return "".join(c if c.isalnum() or c in "-." else "_" for c in name.strip())
+
+
 def output_paths(bench: str, device: torch.device, quick: bool, out: Path | None, tag: str = "") -> tuple[Path, Path]:
     """The JSON and PNG paths of a run: ``out`` (PNG beside it) if given, else
-    ``results/<bench>_<tag>_<gpu>.json`` for a full GPU run and
+    ``results/<gpu>/<bench>_<tag>.json`` for a full GPU run and
     ``scratch/<bench>_<tag>_<quick|full>_<device>.json`` otherwise, so CPU and smoke runs never
     land among the committed GPU results."""
     if out is None:
         name = f"{bench}_{tag}" if tag else bench
         if device.type == "cuda" and not quick:
-            out = RESULTS_DIR / f"{name}_{torch.cuda.get_device_name(device).replace(' ', '_')}.json"
+            out = RESULTS_DIR / device_slug(torch.cuda.get_device_name(device)) / f"{name}.json"
         else:
             out = SCRATCH_DIR / f"{name}_{'quick' if quick else 'full'}_{device.type}.json"
     return out, out.with_suffix(".png")
@@ -380,8 +433,11 @@ def plot_bars(path: Path, rows: list[dict[str, Any]], case_keys: Sequence[str], 
     """Grouped bar charts in one PNG, one panel per ``(value_key, ylabel)`` of ``panels``: a group
     per distinct ``case_keys`` tuple, a bar per ``series_key`` value, on a log axis. Rows without
     the panel's value (not timed, failed) are left out of it."""
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"matplotlib is not installed: no chart {path.name} (the JSON holds every number)")
+        return
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

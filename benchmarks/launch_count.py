@@ -5,8 +5,8 @@ spent issuing launches, not the GPU, set the speed; and one host synchronisation
 running ahead and forbids capturing the step as a CUDA graph. Both are structural and can be counted
 without a GPU:
 
-* **Triton launches**: every launch of a ``@triton.jit`` kernel (run by the interpreter here, with
-  ``TRITON_INTERPRET=1``).
+* **Triton launches**: every launch of a ``@triton.jit`` kernel (compiled on a GPU; without one,
+  run as a script, it sets ``TRITON_INTERPRET=1`` and the interpreter runs them on the CPU).
 * **ATen launches**: every ATen operation outside a Triton launch that would launch a kernel on a GPU
   (``__torch_dispatch__`` sees each one, autograd's backward ops included, composite ops as their
   parts). Views, allocations and metadata queries launch nothing and are left out; a ``_foreach_*``
@@ -25,7 +25,14 @@ so the mode first checks that: it refuses to report a count with syncs in it.
 
 What this cannot see: work a GPU library splits into several kernels behind one ATen op (cuDNN
 batch norm, a foreach op over many tensors), and Python code that reads tensor memory without
-PyTorch (``t.data_ptr()`` arithmetic). The counts are per call of the measured function.
+PyTorch (``t.data_ptr()`` arithmetic). The counts are per call of the measured function. The
+workloads run on the GPU when there is one, else on the CPU.
+
+The ``summary`` of the JSON (also printed on stderr) gives each decoder cell's launches next to
+the budget of the fused cell (20 forward+backward in training, 6 in eval) and, for the normal
+cell, next to what it launched before its per-channel steps moved into the stage kernels (208
+and 38). The up-cell's count includes its skip convolution's weight normalisation (plain torch
+ops, as in every weight-normalised convolution of the model), also counted alone.
 
     python benchmarks/launch_count.py                         # every workload, JSON on stdout
     python benchmarks/launch_count.py --workloads cell --backend torch
@@ -45,13 +52,10 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-# The Triton kernels must be wrapped by the interpreter, which is chosen when they are defined.
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import torch  # noqa: E402
-import torch.utils._pytree as pytree  # noqa: E402
-from torch.overrides import TorchFunctionMode  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+import torch
+import torch.utils._pytree as pytree
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # Ops that launch nothing on a GPU: allocation and metadata. (Views are recognised by their schema.)
 NO_KERNEL_OPS = frozenset({
@@ -269,31 +273,55 @@ def count(fn: Callable[[], Any], host_tensors: Iterable[torch.Tensor] = ()) -> C
 # Workloads
 # ---------------------------------------------------------------------------------------------
 
+def default_device() -> torch.device:
+    """The GPU when there is one, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# Budget of one fused decoder cell (SE on, single process), and what a normal cell (E=6, k=5, SE)
+# launched on the triton backend before its per-channel steps ran inside the stage kernels.
+CELL_BUDGET = {"train_forward_backward": 20, "eval_forward": 6}
+CELL_BEFORE = {("normal_dec", "mconv_e6k5g0", True): {"train_forward_backward": 208, "eval_forward": 38}}
+
+
 def cell_counts(cell_type: str = "normal_dec", op: str = "mconv_e6k5g0", use_se: bool = True,
-                shape: tuple[int, int, int, int] = (2, 16, 8, 8), backend: str = "triton") -> dict[str, Any]:
+                shape: tuple[int, int, int, int] = (2, 16, 8, 8), backend: str = "triton",
+                device: torch.device | str | None = None) -> dict[str, Any]:
     """Launches of one decoder cell: forward + backward in training (after one warm-up step), and
-    the forward in eval, with every op on ``backend``."""
+    the forward in eval, with every op on ``backend``, on ``device`` (default: :func:`default_device`)."""
     import nvae_fast
     from nvae_fast.nn.cells import make_cell
 
+    device = torch.device(device) if device is not None else default_device()
     N, C, H, W = shape
     c_out = C // 2 if cell_type.startswith("up") else C
     torch.manual_seed(0)
-    cell = make_cell(C, c_out, cell_type, (op,), use_se)
-    x = torch.randn(shape, requires_grad=True)
+    cell = make_cell(C, c_out, cell_type, (op,), use_se).to(device)
+    x = torch.randn(shape, device=device, requires_grad=True)
     results: dict[str, Any] = {"cell_type": cell_type, "op": op, "se": use_se, "shape": list(shape),
-                               "backend": backend}
+                               "backend": backend, "device": device.type}
     with nvae_fast.use_backend(backend):
         cell.train()
 
         grad = torch.randn(N, c_out, H * 2 if cell_type.startswith("up") else H,
-                           W * 2 if cell_type.startswith("up") else W)
+                           W * 2 if cell_type.startswith("up") else W, device=device)
 
         def train_step() -> None:
             cell(x).backward(grad)
 
         train_step()
+        # as a training step starts: gradients set to None (optimizer.zero_grad's default), so that
+        # backward assigns them instead of accumulating (one add_ per parameter)
+        cell.zero_grad(set_to_none=True)
+        x.grad = None
         results["train_forward_backward"] = count(train_step).to_dict()
+        if cell_type.startswith("up"):
+            # The up-cell's skip convolution normalises its weight (the model's weight
+            # normalisation, in every Conv2D): its share of the step, counted alone.
+            skip_conv = cell.skip[1]
+            ones = torch.ones_like(skip_conv.weight)
+            cell.zero_grad(set_to_none=True)
+            results["skip_weight_norm"] = count(lambda: skip_conv.normalized_weight().backward(ones)).to_dict()
         cell.eval()
         with torch.no_grad():
             cell(x)
@@ -301,24 +329,55 @@ def cell_counts(cell_type: str = "normal_dec", op: str = "mconv_e6k5g0", use_se:
     return results
 
 
+def cell_summary(cell: dict[str, Any]) -> dict[str, dict[str, int]]:
+    """Per phase of :func:`cell_counts`'s result: its launches, and for the triton backend the
+    fused cell's budget and (where known) what the cell launched before."""
+    before = CELL_BEFORE.get((cell["cell_type"], cell["op"], cell["se"]), {})
+    out = {}
+    for phase, budget in CELL_BUDGET.items():
+        entry = {"launches": cell[phase]["launches"]}
+        if phase == "train_forward_backward" and "skip_weight_norm" in cell:
+            entry["of_which_skip_weight_norm"] = cell["skip_weight_norm"]["launches"]
+        if cell["backend"] == "triton":
+            entry["budget"] = budget
+            if phase in before:
+                entry["before"] = before[phase]
+        out[phase] = entry
+    return out
+
+
+def _summary_line(name: str, summary: dict[str, dict[str, int]]) -> str:
+    parts = []
+    for phase, label in (("train_forward_backward", "forward+backward in training"), ("eval_forward", "eval")):
+        e = summary[phase]
+        extra = [f"budget {e['budget']}"] if "budget" in e else []
+        extra += [f"was {e['before']}"] if "before" in e else []
+        if e.get("of_which_skip_weight_norm"):
+            extra.append(f"{e['of_which_skip_weight_norm']} of them the skip convolution's weight normalisation")
+        parts.append(f"{e['launches']} launches {label}" + (f" ({', '.join(extra)})" if extra else ""))
+    return f"{name}: " + "; ".join(parts)
+
+
 def train_step_counts(preset: str = "tiny_cifar10", batch: int = 4, backend: str = "triton",
-                      skip_triton: bool = False) -> dict[str, Any]:
-    """Launches and host synchronisations of one ``Trainer.train_step`` of ``preset`` on the CPU
-    (the second step: the first one draws the spectral regulariser's start vectors).
-    ``skip_triton``: the Triton kernels do not run (see the module docstring); raises RuntimeError
-    if the step synchronises, since its count could then depend on the values skipped."""
+                      device: torch.device | str | None = None, skip_triton: bool = False) -> dict[str, Any]:
+    """Launches and host synchronisations of one ``Trainer.train_step`` of ``preset`` on ``device``
+    (default: :func:`default_device`; the second step: the first one draws the spectral
+    regulariser's start vectors). ``skip_triton``: the Triton kernels do not run (see the module
+    docstring); raises RuntimeError if the step synchronises, since its count could then depend
+    on the values skipped."""
     import nvae_fast
     from nvae_fast import NVAE, NVAEConfig
     from nvae_fast.train.recipe import TrainConfig
     from nvae_fast.train.runtime import Runtime
     from nvae_fast.train.trainer import Trainer
 
+    device = torch.device(device) if device is not None else default_device()
     torch.manual_seed(0)
     config = NVAEConfig.preset(preset)
     cfg = TrainConfig(batch_size=batch, epochs=2, warmup_epochs=1, amp="off")
-    x = torch.rand(batch, config.in_channels, config.image_size, config.image_size)
+    x = torch.rand(batch, config.in_channels, config.image_size, config.image_size, device=device)
     with nvae_fast.use_backend(backend), (skipping_triton() if skip_triton else contextlib.nullcontext()):
-        trainer = Trainer(NVAE(config), cfg, Runtime(torch.device("cpu")), steps_per_epoch=10)
+        trainer = Trainer(NVAE(config).to(device), cfg, Runtime(device), steps_per_epoch=10)
         trainer.train_step(x)
         # Optimizers keep their step counters on the CPU unless told otherwise.
         host = [s["step"] for s in trainer.optimizer.state.values()
@@ -327,7 +386,7 @@ def train_step_counts(preset: str = "tiny_cifar10", batch: int = 4, backend: str
     if skip_triton and counts.syncs:
         raise RuntimeError(f"the step synchronises ({dict(counts.syncs)}): its launch count without running the "
                            "Triton kernels could differ from the real one; count without skip_triton")
-    return {"preset": preset, "batch": batch, "backend": backend, "skip_triton": skip_triton,
+    return {"preset": preset, "batch": batch, "backend": backend, "device": device.type, "skip_triton": skip_triton,
             "train_step": counts.to_dict()}
 
 
@@ -354,12 +413,20 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--workloads: unknown {unknown}; expected names from {', '.join(WORKLOADS)}")
     if args.batch < 2:
         parser.error(f"--batch must be at least 2 (training needs batch statistics), got {args.batch}")
-    report: dict[str, Any] = {"torch": torch.__version__, "counted_on": "cpu (Triton interpreter)"}
+    from nvae_fast.backend import triton_interpreted
+
+    device = default_device()
+    report: dict[str, Any] = {"torch": torch.__version__,
+                              "counted_on": "cpu (Triton interpreter)" if device.type == "cpu" and triton_interpreted()
+                              else device.type}
     if "cell" in workloads:
-        report["cells"] = [cell_counts("normal_dec", backend=args.backend),
-                           cell_counts("up_dec", backend=args.backend)]
+        report["cells"] = [cell_counts("normal_dec", backend=args.backend, device=device),
+                           cell_counts("up_dec", backend=args.backend, device=device)]
+        report["summary"] = {c["cell_type"]: cell_summary(c) for c in report["cells"]}
+        for name, summary in report["summary"].items():
+            print(_summary_line(name, summary), file=sys.stderr)
     if "train_step" in workloads:
-        report["train_step"] = train_step_counts(args.preset, args.batch, args.backend,
+        report["train_step"] = train_step_counts(args.preset, args.batch, args.backend, device,
                                                  skip_triton=args.skip_triton)
     text = json.dumps(report, indent=2)
     print(text)
@@ -370,4 +437,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    if not torch.cuda.is_available():
+        # Without a GPU the interpreter runs the Triton kernels; it is chosen when they are
+        # defined, so before nvae_fast is imported.
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     sys.exit(main())

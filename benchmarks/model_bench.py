@@ -208,8 +208,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: the first preset, 2 repetitions, 8 samples, no batch search, no compile")
-    parser.add_argument("--out", type=Path, help="JSON path, PNG beside it (default: benchmarks/results/ for full "
-                                                  "GPU runs, benchmarks/scratch/ otherwise)")
+    parser.add_argument("--out", type=Path, help="JSON path, PNG beside it (default: benchmarks/results/<gpu>/ for "
+                                                  "full GPU runs, benchmarks/scratch/ otherwise)")
+    harness.add_run_arguments(parser)
     args = parser.parse_args(argv)
     for name in ("batch", "reps"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
@@ -221,8 +222,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    env = harness.environment()
+    device = harness.run_device(args.device)
+    time_limit = harness.TimeLimit(args.time_limit)
+    env = harness.environment(device)
     if device.type == "cpu":
         print("No CUDA device: CPU timings of a small model (tiny_cifar10 unless --presets is given); "
               "they say nothing about GPU performance.")
@@ -235,8 +237,15 @@ def main(argv: list[str] | None = None) -> int:
     sample_batch = None if args.sample_batch == 0 else (8 if args.quick else args.sample_batch)
     impls = args.impls or list(DEFAULT_IMPLS)
     memory_format = torch.channels_last if args.memory_format == "channels_last" else torch.contiguous_format
-
+    json_path, png_path = harness.output_paths("model_bench", device, args.quick, args.out, "+".join(presets))
     rows: list[dict[str, Any]] = []
+    payload = {
+        "benchmark": "model_bench", "environment": env, "backends": backend.status(), "quick": args.quick,
+        "reps": reps, "warmup": warmup, "memory_format": args.memory_format, "temperature": args.temperature,
+        "presets": {p: {"batch": args.batch or PRESET_BATCH[p], "config": dataclasses.asdict(NVAEConfig.preset(p))}
+                    for p in presets},
+        "finished": False, "results": rows}
+
     for preset in presets:
         config = NVAEConfig.preset(preset)
         for dtype_name in args.dtypes:
@@ -246,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
                 for search in searches:
                     batch = args.batch or PRESET_BATCH[preset]
                     reason = harness.skip_reason(impl, device, requested=not args.quick or args.impls is not None)
+                    reason = reason or time_limit.reason()
                     if reason is None and search == "largest" and impl in harness.COMPILE_MODES:
                         reason = "not searched: torch.compile recompiles for every batch size tried"
                     if reason is None and search == "largest":
@@ -262,22 +272,18 @@ def main(argv: list[str] | None = None) -> int:
                                                                  memory_format, reps, warmup, sample_batch,
                                                                  args.temperature)})
                     print(f"  {preset} batch {batch} ({search}) {dtype_name} {impl}: {rows[-1]['status']}", flush=True)
+                    harness.write_json(json_path, payload)
     eager = {(r["preset"], r["batch"], r["dtype"]): r.get("step_ms") for r in rows if r["impl"] == "eager"}
     for r in rows:
         base = eager.get((r["preset"], r["batch"], r["dtype"]))
         if base and r.get("step_ms"):
             r["speedup"] = base / r["step_ms"]
+    payload["finished"] = True
 
     print(harness.format_report(rows, ["preset", "batch", "dtype", "impl", "forward_ms", "backward_ms",
                                        "optimizer_ms", "step_ms", "speedup", "samples_per_s", "peak_mem_MB",
                                        "images_per_s", "sample_peak_mem_MB", "status"]))
-    json_path, png_path = harness.output_paths("model_bench", device, args.quick, args.out, "+".join(presets))
-    harness.write_json(json_path, {
-        "benchmark": "model_bench", "environment": env, "backends": backend.status(), "quick": args.quick,
-        "reps": reps, "warmup": warmup, "memory_format": args.memory_format, "temperature": args.temperature,
-        "presets": {p: {"batch": args.batch or PRESET_BATCH[p], "config": dataclasses.asdict(NVAEConfig.preset(p))}
-                    for p in presets},
-        "results": rows})
+    harness.write_json(json_path, payload)
     harness.plot_bars(png_path, rows, ["preset", "batch", "dtype"], "impl",
                       [("step_ms", "training step, median ms"),
                        ("images_per_s", f"sampling, images/s (t={args.temperature})")],

@@ -2,6 +2,7 @@
 
 Subcommands: ``train`` (the official recipe; official flags accepted, plus ``--preset``),
 ``evaluate`` (test NELBO and importance-weighted log-likelihood), ``sample`` (PNG grid and .npz),
+``reconstruct`` and ``interpolate`` (latent-space PNGs), ``fid`` (Fréchet Inception Distance),
 ``info`` (versions and backends). Under ``torchrun`` ``train`` and ``evaluate`` run on every rank.
 
 Bad input (a missing path, an unknown format, a corrupt checkpoint, images of the wrong size, a
@@ -13,12 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
 import torch
 
-from nvae_fast.train.errors import InputError, TrainingDiverged
+from nvae_fast.train.errors import InputError, NonFiniteSamples, TrainingDiverged
 
 EXIT_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
 
@@ -128,6 +130,7 @@ def _evaluate(args: argparse.Namespace) -> int:
                                              seed=seed, dataset=cfg.dataset,
                                              binarize=cfg.output_distribution == "bernoulli")
         dataset = train_set if args.eval_on_train else test_set
+        _prepare_bn(args, model, args.bn_temp, write_cache=rt.is_main, log=print if rt.is_main else lambda _: None)
         batch_size = args.batch_size or trained.get("batch_size", 64)
         loader = make_loader(dataset, batch_size, train=False, seed=seed, rank=rt.rank, world_size=rt.world_size,
                              num_workers=args.num_workers, pin_memory=rt.device.type == "cuda")
@@ -149,7 +152,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def _sample(args: argparse.Namespace) -> int:
     from nvae_fast.train.runtime import init_runtime
-    from nvae_fast.train.sample import generate, write_samples
+    from nvae_fast.train.sample import generate, nonfinite_message, write_samples
     from nvae_fast.train.trainer import amp_dtype
 
     rt = init_runtime(args.device)
@@ -157,17 +160,169 @@ def _sample(args: argparse.Namespace) -> int:
         raise InputError("sample runs in one process; launch it without torchrun")
     model, _ = _load(args, rt)
     torch.manual_seed(args.seed)
-    if args.readjust_bn:
-        print(f"re-estimating BatchNorm statistics on {args.readjust_bn_iters} sample batches at t={args.temp}")
-        model.readjust_bn(num_samples=args.batch_size, t=args.temp, iterations=args.readjust_bn_iters)
+    _prepare_bn(args, model, args.temp)
     images = generate(model, args.num_samples, args.temp, args.batch_size, amp_dtype(args.amp, rt.device),
-                      progress=True)
+                      progress=True, decoder_temp=args.decoder_temp)
+    if len(images) == 0:
+        raise NonFiniteSamples(nonfinite_message(args.num_samples, args.num_samples, args.temp) + "; nothing written")
+    if len(images) < args.num_samples:
+        dropped = nonfinite_message(args.num_samples - len(images), args.num_samples, args.temp)
+        print(f"nvae-fast sample: warning: {dropped}; they are left out of the files", file=sys.stderr)
     out = Path(args.output)
     scale = max(1, 256 // (int(args.num_samples ** 0.5 + 0.999) * model.config.image_size))
     png, npz = write_samples(images, out.parent if out.suffix else out,
                              name=out.stem if out.suffix else "samples", scale=scale)
-    print(f"{args.num_samples} samples at t={args.temp}: {png} and {npz}")
+    print(f"{len(images)} samples at t={args.temp}: {png} and {npz}")
     return 0
+
+
+def _checkpoint_datasets(args: argparse.Namespace, model, info: dict, binarize: bool):
+    """(train, test, format, data path) of the data the checkpoint was trained on, or of --data /
+    --data_format."""
+    from nvae_fast.train.datasets import build_datasets, detect_format
+
+    cfg = model.config
+    trained = info["train"]
+    data = args.data if args.data is not None else trained.get("data")
+    fmt = args.data_format or trained.get("data_format", "auto")
+    if fmt == "auto":
+        fmt = detect_format(cfg.dataset, data)
+    train, test = build_datasets(fmt, data, image_size=cfg.image_size, channels=cfg.in_channels,
+                                 seed=trained.get("seed", 1), dataset=cfg.dataset, binarize=binarize)
+    return train, test, fmt, data
+
+
+def _check_png_output(output: str) -> Path:
+    path = Path(output)
+    if path.is_dir() or path.suffix.lower() != ".png":
+        raise InputError(f"--output {output}: expected a .png file name")
+    return path
+
+
+def _save_grid(images, nrow: int, path: Path) -> None:
+    from nvae_fast.train.images import save_png, tile
+
+    grid = tile(images, nrow=nrow)
+    save_png(grid, path, scale=max(1, 512 // grid.shape[-1]))
+
+
+def _latent_command_setup(args: argparse.Namespace):
+    """Model (eval mode) and the split's dataset for reconstruct / interpolate."""
+    from nvae_fast.train.runtime import init_runtime
+
+    _check_png_output(args.output)
+    rt = init_runtime(args.device)
+    if rt.distributed:
+        raise InputError(f"{args.command} runs in one process; launch it without torchrun")
+    model, info = _load(args, rt)
+    train, test, _, _ = _checkpoint_datasets(args, model, info, model.config.output_distribution == "bernoulli")
+    torch.manual_seed(args.seed)
+    return rt, model, train if args.split == "train" else test
+
+
+def _reconstruct(args: argparse.Namespace) -> int:
+    from nvae_fast.train.latents import pick_images, reconstruction_pairs
+    from nvae_fast.train.trainer import amp_dtype
+
+    rt, model, dataset = _latent_command_setup(args)
+    images = pick_images(dataset, args.num_images, args.indices)
+    pairs, mse = reconstruction_pairs(model, images, amp_dtype(args.amp, rt.device))
+    _save_grid(pairs, 2 * math.ceil(math.sqrt(2 * len(images))), Path(args.output))  # wider than tall
+    print(f"{len(images)} {args.split} images, each followed by its reconstruction (posterior means): {args.output} "
+          f"(mean squared error per pixel {mse:.4g})")
+    return 0
+
+
+def _interpolate(args: argparse.Namespace) -> int:
+    from nvae_fast.train.latents import interpolation_rows, pick_images
+    from nvae_fast.train.trainer import amp_dtype
+
+    if args.indices and len(args.indices) % 2:
+        raise InputError(f"--indices needs pairs of images (an even count), got {len(args.indices)}")
+    rt, model, dataset = _latent_command_setup(args)
+    if args.groups is not None and not 1 <= args.groups <= model.num_latent_groups:
+        raise InputError(f"--groups must be between 1 and {model.num_latent_groups} (the model's latent groups), "
+                         f"got {args.groups}")
+    images = pick_images(dataset, 2 * args.pairs, args.indices)
+    if len(images) < 2:
+        raise InputError(f"the {args.split} split holds {len(images)} image; interpolation needs two")
+    images = images[:len(images) // 2 * 2]
+    rows = interpolation_rows(model, images[0::2], images[1::2], args.steps, args.groups,
+                              amp_dtype(args.amp, rt.device))
+    _save_grid(rows, args.steps + 2, Path(args.output))
+    moving = "all latent groups" if args.groups is None else f"the first {args.groups} of {model.num_latent_groups} " \
+                                                             "latent groups"
+    print(f"{len(images) // 2} interpolations of {args.steps} steps through {moving}, one per row between its two "
+          f"{args.split} images: {args.output}")
+    return 0
+
+
+def _fid(args: argparse.Namespace) -> int:
+    from nvae_fast.train import fid
+    from nvae_fast.train.runtime import init_runtime
+    from nvae_fast.train.trainer import amp_dtype
+
+    if args.output and Path(args.output).is_dir():
+        raise InputError(f"--output {args.output} is a directory; expected a file name")
+    rt = init_runtime(args.device)
+    if rt.distributed:
+        raise InputError("fid runs in one process; launch it without torchrun")
+    library = fid.load_library()
+    model, info = _load(args, rt)
+    train = test = fmt = data = None
+    if args.ref_stats:
+        fid.load_statistics(args.ref_stats)
+    else:
+        train, test, fmt, data = _checkpoint_datasets(args, model, info, binarize=False)
+    features = fid.InceptionFeatures(rt.device, library)
+    torch.manual_seed(args.seed)
+    _prepare_bn(args, model, args.bn_temp if args.bn_temp is not None else args.temp)
+    result = fid.evaluate_fid(model, train, test, dataset=model.config.dataset, data_format=fmt, data=data,
+                              features=features, library=library,
+                              fid_dir=Path(args.fid_dir) if args.fid_dir else fid.default_fid_dir(),
+                              num_samples=args.num_samples, temp=args.temp, num_reference=args.num_ref,
+                              batch_size=args.batch_size, amp=amp_dtype(args.amp, rt.device),
+                              num_workers=args.num_workers, reference_file=args.ref_stats)
+    print(f"FID {result.fid:.4f} ({result.num_samples} samples at t={result.temperature:g} against {result.reference})")
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps({"checkpoint": str(args.checkpoint), **result.as_dict()}, indent=2)
+                                     + "\n")
+    return 0
+
+
+def _prepare_bn(args: argparse.Namespace, model, temperature: float | None, write_cache: bool = True, log=print):
+    """The BatchNorm statistics a command samples or evaluates with (see nvae_fast.train.bn_stats)."""
+    from nvae_fast.train.bn_stats import prepare_bn
+
+    stats = prepare_bn(model, args.checkpoint, temperature, readjust=args.readjust_bn,
+                       iterations=args.readjust_bn_iters, batch_size=args.readjust_bn_batch_size,
+                       use_cache=not args.no_bn_cache, write_cache=write_cache, log=log)
+    log(f"using {stats.describe()}")
+    return stats
+
+
+def _add_bn_args(p: argparse.ArgumentParser, temp_flag: str) -> None:
+    p.add_argument("--readjust_bn", action="store_true",
+                   help=f"re-estimate the BatchNorm statistics on samples at {temp_flag} (fp32) and save them beside "
+                        "the checkpoint (<stem>.bn_stats.safetensors); without it, statistics saved there for this "
+                        f"{temp_flag} are reused, else the checkpoint's are used")
+    p.add_argument("--readjust_bn_iters", type=positive_int, default=500, help="sampling passes of --readjust_bn")
+    p.add_argument("--readjust_bn_batch_size", type=positive_int, default=16,
+                   help="samples per pass of --readjust_bn (default 16, as the official evaluate.py)")
+    p.add_argument("--no_bn_cache", action="store_true",
+                   help="neither reuse nor save re-estimated BatchNorm statistics")
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type: a finite number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {value}")
+    return value
 
 
 def _add_load_args(p: argparse.ArgumentParser) -> None:
@@ -177,6 +332,88 @@ def _add_load_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: this rank's GPU if any)")
     p.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"), help="mixed precision")
     p.add_argument("--seed", type=int, default=1, help="random seed")
+
+
+def at_least_two(text: str) -> int:
+    """argparse type: an integer >= 2 (a covariance needs two samples)."""
+    value = positive_int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be >= 2 (FID needs a covariance), got {value}")
+    return value
+
+
+def index_list(text: str) -> list[int]:
+    """argparse type: comma-separated image indices."""
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+    if not values:
+        raise argparse.ArgumentTypeError("no index given")
+    return values
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default=None, help="data path (default: the one the checkpoint was trained on)")
+    p.add_argument("--data_format", default=None, help="data format (default: the training run's)")
+
+
+def _add_latent_parsers(sub) -> None:
+    re = sub.add_parser("reconstruct", help="reconstruct dataset images: a PNG of inputs beside reconstructions",
+                        description="Encode images of the test split (posterior means) and decode them; writes a "
+                                    "grid where each input is followed by its reconstruction. Example: nvae-fast "
+                                    "reconstruct --checkpoint runs/eval-digits/checkpoint.pt --output grid.png")
+    _add_load_args(re)
+    _add_data_args(re)
+    re.add_argument("--split", choices=("test", "train"), default="test", help="images of this split")
+    re.add_argument("--num_images", type=positive_int, default=32, help="the first N images of the split")
+    re.add_argument("--indices", type=index_list, default=None, help="these images instead (e.g. 0,5,9)")
+    re.add_argument("--output", default="reconstructions.png", help="the PNG file to write")
+    re.set_defaults(func=_reconstruct)
+
+    it = sub.add_parser("interpolate", help="interpolate in latent space between pairs of images: a PNG strip",
+                        description="For each pair of images, decode the line between their posterior means in "
+                                    "latent space: one row per pair (start image, STEPS decoded images, end image). "
+                                    "--groups K moves only the first K (coarsest) latent groups and keeps the "
+                                    "others at the start image's. Example: nvae-fast interpolate --checkpoint "
+                                    "runs/eval-digits/checkpoint.pt --output strip.png")
+    _add_load_args(it)
+    _add_data_args(it)
+    it.add_argument("--split", choices=("test", "train"), default="test", help="images of this split")
+    it.add_argument("--pairs", type=positive_int, default=4, help="pairs of images: the first 2 x PAIRS of the split")
+    it.add_argument("--indices", type=index_list, default=None,
+                    help="these images instead, taken two by two (e.g. 0,7,3,12)")
+    it.add_argument("--steps", type=at_least_two, default=8, help="decoded images per pair, ends included")
+    it.add_argument("--groups", type=positive_int, default=None,
+                    help="move only the first GROUPS latent groups in decoder order (default: all)")
+    it.add_argument("--output", default="interpolations.png", help="the PNG file to write")
+    it.set_defaults(func=_interpolate)
+
+    fd = sub.add_parser("fid", help="Frechet Inception Distance of a checkpoint's samples (needs the [fid] extra)",
+                        description="FID as the official evaluate.py --eval_mode evaluate_fid: NUM_SAMPLES samples "
+                                    "at --temp (official: 1), each the mean of p(x|z), against the Inception "
+                                    "statistics of the training data (cached in --fid_dir). The official command "
+                                    "--temp 0.6 --readjust_bn re-estimates BatchNorm at 0.6 and samples at 1: here "
+                                    "--readjust_bn --bn_temp 0.6. Needs pip install 'nvae_fast[fid]'.")
+    _add_load_args(fd)
+    _add_data_args(fd)
+    fd.add_argument("--num_samples", type=at_least_two, default=50_000, help="samples to score (official: 50,000)")
+    fd.add_argument("--temp", type=positive_float, default=1.0, help="temperature of the samples")
+    fd.add_argument("--bn_temp", type=non_negative_float, default=None,
+                    help="temperature of the BatchNorm statistics (re-estimated with --readjust_bn, or cached); "
+                         "default: --temp")
+    _add_bn_args(fd, "--bn_temp")
+    fd.add_argument("--batch_size", type=positive_int, default=100, help="images per generation and Inception pass")
+    fd.add_argument("--fid_dir", default=None, help="where the reference statistics are cached (default: "
+                                                    "~/.cache/nvae_fast/fid)")
+    fd.add_argument("--ref_stats", default=None,
+                    help="use this statistics file (mu, sigma; e.g. the official precompute_fid_statistics.py's) "
+                         "instead of the dataset")
+    fd.add_argument("--num_ref", type=at_least_two, default=50_000,
+                    help="at most this many dataset images for the reference statistics (official: 50,000)")
+    fd.add_argument("--num_workers", type=int, default=2, help="data-loader workers for the reference statistics")
+    fd.add_argument("--output", default=None, help="also write the result as JSON to this file")
+    fd.set_defaults(func=_fid)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -204,20 +441,27 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--eval_on_train", action="store_true", help="evaluate on the training split")
     ev.add_argument("--num_workers", type=int, default=1, help="data-loader workers")
     ev.add_argument("--output", default=None, help="also write the results as JSON to this file")
+    ev.add_argument("--temp", dest="bn_temp", type=non_negative_float, default=None,
+                    help="evaluate with the BatchNorm statistics re-estimated at this temperature (cached, or "
+                         "computed with --readjust_bn); default: the checkpoint's")
+    _add_bn_args(ev, "--temp")
     ev.set_defaults(func=_evaluate)
 
     sa = sub.add_parser("sample", help="draw images from a checkpoint: a PNG grid and an .npz")
     _add_load_args(sa)
     sa.add_argument("--num_samples", type=positive_int, default=64, help="number of images")
-    sa.add_argument("--temp", type=positive_float, default=0.7, help="temperature of the prior")
+    sa.add_argument("--temp", type=non_negative_float, default=0.7,
+                    help="temperature of the prior (0: decode the prior means)")
+    sa.add_argument("--decoder_temp", type=positive_float, default=1.0,
+                    help="temperature of the output distribution's sample (default 1, as the official "
+                         "evaluate.py; give --temp's value to sample it at the prior's temperature)")
     sa.add_argument("--batch_size", type=positive_int, default=64, help="images per forward pass")
-    sa.add_argument("--readjust_bn", action="store_true",
-                    help="re-estimate BatchNorm statistics on samples at this temperature first")
-    sa.add_argument("--readjust_bn_iters", type=positive_int, default=500, help="sampling passes of --readjust_bn")
+    _add_bn_args(sa, "--temp")
     sa.add_argument("--output", default="samples",
                     help="directory for samples.png and samples.npz, or a file name whose stem names both "
                          "(default: ./samples)")
     sa.set_defaults(func=_sample)
+    _add_latent_parsers(sub)
     return parser
 
 
@@ -231,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return EXIT_INPUT
-    except TrainingDiverged as e:
+    except (TrainingDiverged, NonFiniteSamples) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return EXIT_DIVERGED
     except KeyboardInterrupt:

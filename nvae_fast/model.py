@@ -19,7 +19,8 @@ that state (``enc_tower`` combiners, ``enc_sampler``), optionally followed by ``
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -32,12 +33,26 @@ from nvae_fast.nn.cells import DecCombinerCell, EncCombinerCell, make_cell
 from nvae_fast.nn.conv import Conv2D, ConvWeightBank
 from nvae_fast.nn.flows import ARConv2d, PairedARFlow
 from nvae_fast.ops import weight_norm as weight_norm_op
-from nvae_fast.ops.normal_kl import GroupKL, flow_kl, normal_kl, normal_sample
+from nvae_fast.ops.normal_kl import SIGMA_MIN, GroupKL, flow_kl, normal_kl, normal_sample, soft_clamp5
 from nvae_fast.ops.spectral_norm import POWER_ITER_EPS, spectral_norm
 
 NUM_POWER_ITER = 4
 
 ForwardOutput = tuple[Tensor, Tensor, Tensor, list[Tensor], list[Tensor]]
+
+
+class LatentGroup(NamedTuple):
+    """One latent group of q(z | x) (see :meth:`NVAE.encode`), each (N, C_latent, h, w).
+
+    ``mu`` and ``log_sigma`` are the Gaussian the group's z is drawn from, as the model uses it:
+    ``mu = 5 tanh(m / 5)`` and ``sigma = exp(5 tanh(s / 5)) + 0.01`` of the raw parameters (with
+    ``res_dist``, the prior's plus the encoder's). ``z`` is what the decoder takes: ``mu + sigma *
+    eps`` (eps = 0 for the posterior mean), then the group's flows if the model has them.
+    """
+
+    mu: Tensor
+    log_sigma: Tensor
+    z: Tensor
 
 
 class NVAE(nn.Module):
@@ -46,8 +61,12 @@ class NVAE(nn.Module):
     Build: ``NVAE(NVAEConfig.preset("cifar10"))``, ``NVAE.from_preset("tiny_cifar10")``,
     ``NVAE.from_official_args(namespace)`` or ``NVAE.load_official_checkpoint(path)``.
 
-    Attributes kept from the official model: ``crop_output``, ``num_latent_scales``,
-    ``groups_per_scale``, ``vanilla_vae``, ``z0_size``.
+    Every public attribute of the official ``AutoEncoder`` is here, read-only (see "Attributes of
+    the official model" below), except its construction helpers ``init_*`` (they build new, freshly
+    initialised modules: calling one on a built model has no use).
+
+    Latent space: :meth:`encode` (every group's posterior), :meth:`decode` (a full or partial list
+    of groups, the rest from the prior), :meth:`reconstruct`, :meth:`interpolate`.
     """
 
     def __init__(self, config: NVAEConfig) -> None:
@@ -241,18 +260,7 @@ class NVAE(nn.Module):
             self._weight_bank.weights = None
 
     def _forward(self, x: Tensor, deterministic: bool) -> ForwardOutput:
-        s = self.stem(2 * x - 1.0)
-        for cell in self.pre_process:
-            s = cell(s)
-        combiners: list[tuple[EncCombinerCell, Tensor]] = []
-        for cell in self.enc_tower:
-            if isinstance(cell, EncCombinerCell):
-                combiners.append((cell, s))
-            else:
-                s = cell(s)
-        combiners.reverse()  # the decoder visits the groups from the coarsest scale up
-
-        ftr = self.enc0(s)
+        ftr, combiners = self._encoder_features(x)
         mu_q, log_sigma_q = self.enc_sampler[0](ftr).chunk(2, dim=1)
         z0, group0 = self._posterior(0, None, None, mu_q, log_sigma_q, ftr, deterministic)
         groups: list[GroupKL] = [group0]
@@ -272,6 +280,21 @@ class NVAE(nn.Module):
         log_q = torch.stack([g.log_q for g in groups]).sum(dim=0)
         log_p = torch.stack([g.log_p for g in groups]).sum(dim=0)
         return logits, log_q, log_p, [g.kl_all for g in groups], [g.kl_diag for g in groups]
+
+    def _encoder_features(self, x: Tensor) -> tuple[Tensor, list[tuple[EncCombinerCell, Tensor]]]:
+        """The encoder: the top features (group 0's posterior input) and, for every later group in
+        decoder order, its combiner cell with the encoder state it combines."""
+        s = self.stem(2 * x - 1.0)
+        for cell in self.pre_process:
+            s = cell(s)
+        combiners: list[tuple[EncCombinerCell, Tensor]] = []
+        for cell in self.enc_tower:
+            if isinstance(cell, EncCombinerCell):
+                combiners.append((cell, s))
+            else:
+                s = cell(s)
+        combiners.reverse()  # the decoder visits the groups from the coarsest scale up
+        return self.enc0(s), combiners
 
     def _posterior(self, group: int, mu_p: Tensor | None, log_sigma_p: Tensor | None, mu_q: Tensor,
                    log_sigma_q: Tensor, features: Tensor, deterministic: bool) -> tuple[Tensor, GroupKL]:
@@ -293,6 +316,10 @@ class NVAE(nn.Module):
 
     def _decode(self, batch_size: int, latent: Callable[[int, Tensor | None], Tensor]) -> Tensor:
         """Run the decoder from the learned prior input; ``latent(group, state)`` gives each z."""
+        return self._decoder_head(self._decoder_tower(batch_size, latent))
+
+    def _decoder_tower(self, batch_size: int, latent: Callable[[int, Tensor | None], Tensor]) -> Tensor:
+        """The decoder up to its last latent group: the state post-processing starts from."""
         state = self.prior_ftr0.unsqueeze(0).expand(batch_size, -1, -1, -1)
         group = 0
         for cell in self.dec_tower:
@@ -303,6 +330,9 @@ class NVAE(nn.Module):
                 state = cell(state)
         if self.vanilla_vae:
             state = self.stem_decoder(latent(0, None))
+        return state
+
+    def _decoder_head(self, state: Tensor) -> Tensor:
         for cell in self.post_process:
             state = cell(state)
         return self.image_conditional(state)
@@ -314,11 +344,14 @@ class NVAE(nn.Module):
     def sample(self, num_samples: int, t: float = 1.0) -> Tensor:
         """Logits of ``num_samples`` images drawn from the prior at temperature ``t`` (which
         scales every prior's standard deviation), on the model's device and in its dtype (autocast
-        applies as usual). Decode them with :meth:`decoder_output`."""
+        applies as usual). Decode them with :meth:`decoder_output`.
+
+        ``t = 0`` decodes the prior means (each group's mean given the groups above it), as the
+        official model does; it draws the same noise as any other temperature, multiplied by 0."""
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
-        if not t > 0:
-            raise ValueError(f"t (temperature) must be positive, got {t}")
+        if not 0 <= t < float("inf"):
+            raise ValueError(f"t (temperature) must be a finite number >= 0, got {t}")
         param = self.prior_ftr0
         z0 = normal_sample(None, None, torch.randn(num_samples, *self.z0_size, device=param.device,
                                                    dtype=param.dtype), t)
@@ -344,20 +377,207 @@ class NVAE(nn.Module):
         return distributions.decoder_output(logits, c.output_distribution, c.num_mixture_dec, c.num_x_bits,
                                             c.in_channels)
 
+    # -----------------------------------------------------------------------------------------
+    # Latent space: encode, decode, reconstruct, interpolate
+    # -----------------------------------------------------------------------------------------
+
+    @property
+    def num_latent_groups(self) -> int:
+        """Number of latent groups (the length of :meth:`encode`'s list)."""
+        return len(self.enc_sampler)
+
+    def latent_shapes(self) -> list[tuple[int, int, int]]:
+        """(C, H, W) of every latent group's z, in decoder order: the coarsest scale first, each
+        scale twice the resolution of the one before."""
+        channels, height, width = self.z0_size
+        shapes: list[tuple[int, int, int]] = []
+        for scale, (_, groups) in enumerate(self._groups_in_decoder_order()):
+            shapes += [(channels, height * 2 ** scale, width * 2 ** scale)] * groups
+        return shapes
+
+    def encode(self, x: Tensor, deterministic: bool = True) -> list[LatentGroup]:
+        """Every latent group's posterior q(z_g | x, z_<g), in decoder order (coarsest first).
+
+        Args:
+            x: images (N, C, H, W) as :meth:`forward` takes them (the config's channels and size,
+                values in [0, 1], the model's device and dtype).
+            deterministic: z is each posterior's mean (then the flows), as ``forward(x,
+                deterministic=True)`` uses it; False draws z from the posteriors (the forward pass's
+                random numbers, in the same order).
+        Returns:
+            One :class:`LatentGroup` (mu, log_sigma, z; each (N, C_latent, h, w) with the shapes
+            of :meth:`latent_shapes`) per group. ``decode([g.z for g in groups])`` gives the
+            logits ``forward`` gives for the same z. Later groups' posteriors depend on the
+            earlier z, so encoding runs the decoder's latent tower too.
+        """
+        self._check_images(x)
+        ftr, combiners = self._encoder_features(x)
+        groups: list[LatentGroup] = []
+
+        def latent(group: int, state: Tensor | None) -> Tensor:
+            mu_p = log_sigma_p = None
+            features = ftr
+            if group > 0:
+                mu_p, log_sigma_p = self.dec_sampler[group - 1](state).chunk(2, dim=1)
+                combiner, enc_state = combiners[group - 1]
+                features = combiner(enc_state, state)
+            mu_q, log_sigma_q = self.enc_sampler[group](features).chunk(2, dim=1)
+            z, _ = self._posterior(group, mu_p, log_sigma_p, mu_q, log_sigma_q, features, deterministic)
+            if self.config.res_dist and mu_p is not None:
+                mu_q, log_sigma_q = mu_p + mu_q, log_sigma_p + log_sigma_q
+            sigma = torch.exp(soft_clamp5(log_sigma_q)) + SIGMA_MIN
+            groups.append(LatentGroup(soft_clamp5(mu_q), torch.log(sigma), z))
+            return z
+
+        self._decoder_tower(x.shape[0], latent)
+        return groups
+
+    def decode(self, zs: Sequence[Tensor], t: float = 1.0) -> Tensor:
+        """Logits of the images of the latent groups ``zs`` (see :meth:`decoder_output`).
+
+        Args:
+            zs: z of the first ``k`` groups in decoder order (1 <= k <= :attr:`num_latent_groups`),
+                each (N, C, h, w) with the shapes of :meth:`latent_shapes`, on the model's device
+                and in its dtype (unless under autocast) - e.g. ``[g.z for g in encode(x)]`` or a
+                prefix of it. Fixing only the first (coarsest) groups keeps an image's global
+                structure and lets the finer groups vary.
+            t: temperature (>= 0) of the prior the groups after the first ``k`` are drawn from
+                (it scales the prior's standard deviation; 0 takes the prior means, as
+                :meth:`sample` does).
+        Returns:
+            Logits (N, output channels, H, W), as :meth:`sample` and :meth:`forward` give them.
+        """
+        self._check_latents(zs)
+        if not 0 <= t < float("inf"):
+            raise ValueError(f"t (temperature) must be a finite number >= 0, got {t}")
+        batch = zs[0].shape[0]
+        param = self.prior_ftr0
+
+        def latent(group: int, state: Tensor | None) -> Tensor:
+            if group < len(zs):
+                return zs[group]
+            if group == 0:
+                noise = torch.randn(batch, *self.z0_size, device=param.device, dtype=param.dtype)
+                return normal_sample(None, None, noise, t)
+            mu, log_sigma = self.dec_sampler[group - 1](state).chunk(2, dim=1)
+            return normal_sample(mu, log_sigma, torch.randn_like(mu), t)
+
+        return self._decode(batch, latent)
+
+    def _check_latents(self, zs: Sequence[Tensor]) -> None:
+        shapes = self.latent_shapes()
+        if isinstance(zs, Tensor) or not isinstance(zs, Sequence):
+            raise TypeError(f"zs must be a list of tensors, one per latent group, got {type(zs).__name__}")
+        if not 1 <= len(zs) <= len(shapes):
+            raise ValueError(f"zs must hold between 1 and {len(shapes)} latent groups (the model has {len(shapes)}; "
+                             f"sample() draws them all from the prior), got {len(zs)}")
+        param = self.prior_ftr0
+        batch = None
+        for g, z in enumerate(zs):
+            if not isinstance(z, Tensor):
+                raise TypeError(f"zs[{g}] must be a torch.Tensor, got {type(z).__name__}")
+            if batch is None:
+                batch = z.shape[0] if z.dim() == 4 else 0
+            if z.dim() != 4 or tuple(z.shape[1:]) != shapes[g] or z.shape[0] != batch or batch < 1:
+                raise ValueError(f"zs[{g}] must have shape (N, {', '.join(map(str, shapes[g]))}) with the N of zs[0], "
+                                 f"got {tuple(z.shape)}")
+            if z.device != param.device:
+                raise ValueError(f"zs[{g}] is on {z.device} but the model is on {param.device}")
+            if z.dtype != param.dtype and not torch.is_autocast_enabled(z.device.type):
+                raise ValueError(f"zs[{g}] has dtype {z.dtype} but the model's parameters are {param.dtype}")
+
+    def mean_image(self, logits: Tensor) -> Tensor:
+        """Images (N, C, H, W) in [0, 1] of ``logits``: the mean of p(x | z) (a Bernoulli's pixel
+        probabilities; the mixture-weighted means of the logistic mixture, as the official FID
+        samples; the normal's mean), in fp32."""
+        output = self.decoder_output(logits.float())
+        return output.mean if isinstance(output, torch.distributions.Bernoulli) else output.mean()
+
+    def reconstruct(self, x: Tensor, deterministic: bool = True) -> Tensor:
+        """Reconstructions (N, C, H, W) in [0, 1], fp32, of images x (as :meth:`forward` takes
+        them): :meth:`mean_image` of ``decode(encode(x, deterministic))``."""
+        return self.mean_image(self.decode([g.z for g in self.encode(x, deterministic)]))
+
+    def interpolate(self, x1: Tensor, x2: Tensor, steps: int = 8, groups: int | Sequence[int] | None = None
+                    ) -> Tensor:
+        """Images along the line between the posterior means of x1 and x2, in latent space.
+
+        Args:
+            x1, x2: images (N, C, H, W) as :meth:`forward` takes them; pair i is (x1[i], x2[i]).
+            steps: images per pair (>= 2), from x1's reconstruction to x2's.
+            groups: the latent groups that move: None (all), an int k (the first k groups in
+                decoder order: the coarse structure) or a sequence of group indices. The others
+                keep x1's z, so the image changes only in what those groups encode.
+        Returns:
+            (N, steps, C, H, W) fp32 images in [0, 1] (:meth:`mean_image` of the decoded z).
+        """
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
+            raise ValueError(f"steps must be an integer >= 2, got {steps!r}")
+        if not isinstance(x1, Tensor) or not isinstance(x2, Tensor) or x1.shape != x2.shape:
+            raise ValueError(f"x1 and x2 must be image batches of the same shape, got "
+                             f"{tuple(getattr(x1, 'shape', ()))} and {tuple(getattr(x2, 'shape', ()))}")
+        moving = self._group_indices(groups)
+        start, end = self.encode(x1), self.encode(x2)
+        weights = torch.linspace(0, 1, steps, device=x1.device, dtype=start[0].z.dtype).view(1, steps, 1, 1, 1)
+        zs = []
+        for g, (a, b) in enumerate(zip(start, end)):
+            z = torch.lerp(a.z.unsqueeze(1), b.z.unsqueeze(1), weights) if g in moving else \
+                a.z.unsqueeze(1).expand(-1, steps, -1, -1, -1)
+            zs.append(z.flatten(0, 1))
+        return self.mean_image(self.decode(zs)).unflatten(0, (x1.shape[0], steps))
+
+    def _group_indices(self, groups: int | Sequence[int] | None) -> set[int]:
+        total = self.num_latent_groups
+        if groups is None:
+            return set(range(total))
+        if isinstance(groups, int) and not isinstance(groups, bool):
+            if not 1 <= groups <= total:
+                raise ValueError(f"groups must be between 1 and {total} (the model's latent groups), got {groups}")
+            return set(range(groups))
+        indices = list(groups)
+        bad = [g for g in indices if isinstance(g, bool) or not isinstance(g, int) or not 0 <= g < total]
+        if not indices or bad:
+            raise ValueError(f"groups must be group indices in [0, {total}), got {indices}")
+        return set(indices)
+
     @torch.no_grad()
-    def readjust_bn(self, num_samples: int = 16, t: float = 1.0, iterations: int = 500) -> None:
+    def readjust_bn(self, num_samples: int = 16, t: float = 1.0, iterations: int = 500,
+                    progress: Callable[[Iterable[int]], Iterable[int]] | None = None) -> None:
         """Re-estimate every BatchNorm's running statistics on samples at temperature ``t``.
 
         The official ``--readjust_bn``: runs ``iterations`` prior samples of ``num_samples`` in
         training mode (each updates the running statistics with momentum 0.05; across ranks when
         torch.distributed runs), then leaves the model in eval mode, ready to sample.
+
+        Always in fp32, whatever the model's dtype or an enclosing ``torch.autocast``: the
+        official code re-estimates under fp16 autocast, where activations beyond the fp16 range
+        turn the running statistics into Inf/NaN and every later sample into NaN images. A float16
+        or bfloat16 model is cast to fp32 for the passes and back after them (its weights round-trip
+        exactly); statistics that do not fit the model's dtype raise a ``ValueError``.
+
+        ``progress`` wraps the iteration range (e.g. ``tqdm``) to report the passes.
         """
         if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
             raise ValueError(f"iterations must be a positive integer, got {iterations!r}")
-        self.train()
-        for _ in range(iterations):
-            self.sample(num_samples, t)
-        self.eval()
+        dtype = self.prior_ftr0.dtype
+        passes = range(iterations) if progress is None else progress(range(iterations))
+        with torch.autocast(self.prior_ftr0.device.type, enabled=False):
+            if dtype in (torch.float16, torch.bfloat16):
+                self.float()
+            try:
+                self.train()
+                for _ in passes:
+                    self.sample(num_samples, t)
+            finally:
+                self.to(dtype)
+                self.eval()
+        overflow = [name for name, bn in self.named_modules() if isinstance(bn, _BatchNorm)
+                    and not (torch.isfinite(bn.running_mean).all() and torch.isfinite(bn.running_var).all())]
+        if overflow:
+            hint = ("they do not fit its dtype: keep the model in float32 and sample under torch.autocast"
+                    if dtype in (torch.float16, torch.bfloat16) else "the samples themselves are not finite")
+            raise ValueError(f"the BatchNorm statistics re-estimated at t={t} are not finite in {len(overflow)} "
+                             f"layers (first: {overflow[0]}) of this {dtype} model; {hint}")
 
     # -----------------------------------------------------------------------------------------
     # Regularisers
@@ -374,12 +594,13 @@ class NVAE(nn.Module):
     def spectral_norm_parallel(self) -> Tensor:
         """Sum of the largest singular values of all convolution weights (as matrices C_out x rest).
 
-        Power iteration: 4 iterations per call, 40 on the first call for a shape; the singular
-        vectors persist between calls on the weights' device (not in the state_dict).
-        Differentiable in the weights (the vectors are constants). On the fused path (the
-        weight-norm op on a fast backend) every matrix is iterated in one launch
-        (:mod:`nvae_fast.ops.spectral_norm`) on the weights the last forward pass normalised,
-        when the parameters have not changed since; otherwise batched by weight shape.
+        Power iteration: 4 iterations per call, 40 on the first call for a shape, which draws the
+        start vectors from the CPU random generator (as the official model); the singular vectors
+        persist between calls on the weights' device (not in the state_dict). Differentiable in
+        the weights (the vectors are constants). On the fused path (the weight-norm op on a fast
+        backend) every matrix is iterated in one launch (:mod:`nvae_fast.ops.spectral_norm`) on the
+        weights the last forward pass normalised, when the parameters have not changed since;
+        otherwise batched by weight shape.
         """
         if self._fused_weights():
             return self._spectral_norm_fused()
@@ -480,8 +701,11 @@ class NVAE(nn.Module):
         random unit vectors and 40 iterations when none are stored for that many matrices."""
         u, v = self._sr_u.get(shape), self._sr_v.get(shape)
         if u is None or u.shape[0] != num:
-            u = F.normalize(torch.randn(num, rows, device=device, dtype=dtype), dim=1, eps=POWER_ITER_EPS)
-            v = F.normalize(torch.randn(num, cols, device=device, dtype=dtype), dim=1, eps=POWER_ITER_EPS)
+            # As the official model: standard-normal float32 draws from the CPU generator (u, then
+            # v, shape by shape in module order), whatever the weights' device, so that a seed
+            # gives the same vectors on any device.
+            u = F.normalize(torch.randn(num, rows).to(device=device, dtype=dtype), dim=1, eps=POWER_ITER_EPS)
+            v = F.normalize(torch.randn(num, cols).to(device=device, dtype=dtype), dim=1, eps=POWER_ITER_EPS)
             return u, v, 10 * NUM_POWER_ITER
         return u, v, NUM_POWER_ITER
 
@@ -539,3 +763,139 @@ class NVAE(nn.Module):
 
     def _weights_version(self) -> int:
         return sum(p._version for conv in self._convs for p in (conv.weight, conv.log_weight_norm) if p is not None)
+
+    # -----------------------------------------------------------------------------------------
+    # Attributes of the official model (read-only; user scripts written for it read them)
+    # -----------------------------------------------------------------------------------------
+
+    @property
+    def all_conv_layers(self) -> list[Conv2D | ARConv2d]:
+        """Every convolution, in module order (as :meth:`conv_layers`)."""
+        return self.conv_layers()
+
+    @property
+    def all_bn_layers(self) -> list[_BatchNorm]:
+        """Every BatchNorm, in module order (as :meth:`bn_layers`)."""
+        return self.bn_layers()
+
+    @property
+    def all_log_norm(self) -> list[Tensor | None]:
+        """The ``log_weight_norm`` parameter of each of :attr:`all_conv_layers` (None without weight
+        normalisation)."""
+        return [conv.log_weight_norm for conv in self.conv_layers()]
+
+    @property
+    def sr_u(self) -> dict[torch.Size, Tensor]:
+        """Left power-iteration vectors of :meth:`spectral_norm_parallel`, per weight-matrix shape
+        (the live dict: empty until the first call; clearing it restarts the iteration)."""
+        return self._sr_u
+
+    @property
+    def sr_v(self) -> dict[torch.Size, Tensor]:
+        """Right power-iteration vectors, as :attr:`sr_u`."""
+        return self._sr_v
+
+    @property
+    def num_power_iter(self) -> int:
+        """Power iterations per call of :meth:`spectral_norm_parallel` (10x on the first call)."""
+        return NUM_POWER_ITER
+
+    @property
+    def arch_instance(self) -> dict[str, list[str]]:
+        """Cell type -> operations, as the official ``utils.get_arch_cells`` (a copy)."""
+        cells = {name: list(ops) for name, ops in self.config.arch_cells.items()}
+        cells["ar_nn"] = [""]
+        return cells
+
+    @property
+    def dataset(self) -> str:
+        return self.config.dataset
+
+    @property
+    def input_size(self) -> int:
+        """Image height and width."""
+        return self.config.image_size
+
+    @property
+    def num_bits(self) -> int:
+        """Bits per colour channel (``num_x_bits``)."""
+        return self.config.num_x_bits
+
+    @property
+    def num_mix_output(self) -> int:
+        """Logistic mixture components of the output (``num_mixture_dec``)."""
+        return self.config.num_mixture_dec
+
+    @property
+    def use_se(self) -> bool:
+        return self.config.use_se
+
+    @property
+    def res_dist(self) -> bool:
+        return self.config.res_dist
+
+    @property
+    def with_nf(self) -> bool:
+        """Whether the posteriors have normalising flows."""
+        return self.config.num_nf > 0
+
+    @property
+    def num_groups_per_scale(self) -> int:
+        return self.config.num_groups_per_scale
+
+    @property
+    def num_latent_per_group(self) -> int:
+        return self.config.num_latent_per_group
+
+    @property
+    def num_channels_enc(self) -> int:
+        return self.config.num_channels_enc
+
+    @property
+    def num_channels_dec(self) -> int:
+        return self.config.num_channels_dec
+
+    @property
+    def num_preprocess_blocks(self) -> int:
+        return self.config.num_preprocess_blocks
+
+    @property
+    def num_preprocess_cells(self) -> int:
+        return self.config.num_preprocess_cells
+
+    @property
+    def num_cell_per_cond_enc(self) -> int:
+        return self.config.num_cell_per_cond_enc
+
+    @property
+    def num_postprocess_blocks(self) -> int:
+        return self.config.num_postprocess_blocks
+
+    @property
+    def num_postprocess_cells(self) -> int:
+        return self.config.num_postprocess_cells
+
+    @property
+    def num_cell_per_cond_dec(self) -> int:
+        return self.config.num_cell_per_cond_dec
+
+    @property
+    def enc_kv(self) -> nn.ModuleList:
+        """Empty, as in the official model (which declares it and never fills it)."""
+        return nn.ModuleList()
+
+    @property
+    def dec_kv(self) -> nn.ModuleList:
+        """Empty, as in the official model."""
+        return nn.ModuleList()
+
+    @property
+    def query(self) -> nn.ModuleList:
+        """Empty, as in the official model."""
+        return nn.ModuleList()
+
+    @property
+    def writer(self) -> None:
+        """The official model keeps the TensorBoard writer its constructor was given; NVAE takes
+        none (training logs through ``nvae_fast.train``)."""
+        return None

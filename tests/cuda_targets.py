@@ -1,10 +1,10 @@
 """Where the csrc/ kernel tests run: on a GPU, or in the CPU emulation of csrc/ (opt-in).
 
 ``kernel_device`` is a fixture parametrised over both targets; it yields the torch device to put
-the inputs on. The GPU target needs a CUDA device and the built ``nvae_fast._C``. The emulated
-target builds csrc/ with g++ (tests/cuda_emulation, about a minute on 2 cores the first time) and
-points the launchers in nvae_fast.kernels.cuda at it, with CPU tensors standing in for device
-memory; it runs only with NVAE_FAST_EMULATE_CUDA=1.
+the inputs on. The GPU target (marked ``gpu``) needs a CUDA device and the built ``nvae_fast._C``.
+The emulated target builds csrc/ with g++ (tests/cuda_emulation, about a minute on 2 cores the
+first time) and points the launchers in nvae_fast.kernels.cuda at it, with CPU tensors standing in
+for device memory; it runs only with NVAE_FAST_EMULATE_CUDA=1.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def use_emulation(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
     return module
 
 
-@pytest.fixture(params=["cuda", "emulated"])
+@pytest.fixture(params=[pytest.param("cuda", marks=pytest.mark.gpu), "emulated"])
 def kernel_device(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     if request.param == "cuda":
         if not HAS_CUDA:

@@ -1,21 +1,23 @@
-"""The benchmarks run end to end in --quick mode on the CPU and write what they promise (no timing
-is asserted): shapes read off the real model, honest rows for implementations that cannot run,
-JSON with the environment and raw times, a PNG."""
+"""The benchmarks run end to end in --quick mode on the CPU (``--device cpu``: on a GPU machine too)
+and write what they promise (no timing is asserted): shapes read off the real model, honest rows
+for implementations that cannot run, JSON with the environment and raw times, a PNG."""
 
 from __future__ import annotations
 
 import importlib
 import json
+import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 
 import nvae_fast
 from nvae_fast import NVAE, NVAEConfig
 from nvae_fast.nn.cells import Cell, DecCombinerCell
+
+from conftest import HAS_CUDA
 
 BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -75,31 +77,39 @@ def test_record_dispatch_reports_the_backend_that_ran(bench):
     assert harness.dispatch_verdict("triton", {"a": "triton", "b": "torch"}) is None
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("kind, shape", [
     ("enc_bnswish", ("normal_enc", ("res_bnswish", "res_bnswish"), 2, 4, 4, 5, 5, True, 1)),
     ("dec_e6", ("normal_dec", ("mconv_e6k5g0",), 2, 4, 4, 5, 5, True, 1)),
 ])
 def test_a_fast_backend_row_runs_that_backend(bench, kind, shape):
-    """The benchmarks never time Triton's CPU interpreter; driven directly here, a triton row shows
-    that the cell's fused ops ran on triton and nothing fell back."""
+    """A triton row shows that the cell's fused ops ran on triton and nothing fell back: on the GPU,
+    or on a CPU-only machine in Triton's interpreter, which the benchmarks themselves never time
+    (driven directly here)."""
     cell_bench, preset_shapes = bench("cell_bench"), bench("preset_shapes")
     workload = cell_bench.Workload("test", kind, preset_shapes.CellShape(*shape))
     row = cell_bench.measure(workload, "triton", torch.float32, torch.channels_last, reps=1, warmup=0,
-                             device=torch.device("cpu"), copy_gbs=None)
+                             device=torch.device("cuda" if HAS_CUDA else "cpu"), copy_gbs=None)
     assert row["status"] == "timed" and row["dispatch"] and set(row["dispatch"].values()) == {"triton"}
 
 
-def test_cpu_and_quick_runs_never_land_in_results(bench):
+def test_cpu_and_quick_runs_never_land_in_results(bench, monkeypatch):
     harness = bench("harness")
     for quick in (False, True):
         json_path, png_path = harness.output_paths("cell_bench", torch.device("cpu"), quick, None)
         assert json_path.parent == harness.SCRATCH_DIR and png_path.suffix == ".png"
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200 (MIG 1g.18gb)")
+    json_path, _ = harness.output_paths("cell_bench", torch.device("cuda"), True, None, "cifar10")
+    assert json_path.parent == harness.SCRATCH_DIR
+    json_path, png_path = harness.output_paths("cell_bench", torch.device("cuda"), False, None, "cifar10")
+    assert json_path == harness.RESULTS_DIR / "NVIDIA_H200__MIG_1g.18gb_" / "cell_bench_cifar10.json"
+    assert png_path == json_path.with_suffix(".png")
 
 
 def _check_common(payload: dict) -> list[dict]:
     env = payload["environment"]
-    assert env["device"].startswith("CPU only") and env["torch"] == torch.__version__ and "git_commit" in env
-    assert payload["quick"] is True
+    assert env["device"].startswith("CPU") and env["torch"] == torch.__version__ and "git_commit" in env
+    assert payload["quick"] is True and payload["finished"] is True
     rows = payload["results"]
     for row in rows:
         assert not row["status"].startswith("failed"), row["status"]
@@ -132,7 +142,7 @@ def test_official_layers_match_the_fused_module(bench):
 def test_cell_bench_quick(bench, tmp_path):
     cell_bench = bench("cell_bench")
     out = tmp_path / "cell.json"
-    assert cell_bench.main(["--quick", "--out", str(out)]) == 0
+    assert cell_bench.main(["--quick", "--device", "cpu", "--out", str(out)]) == 0
     payload = json.loads(out.read_text())
     timed = _check_common(payload)
     assert {r["kind"] for r in timed} == set(cell_bench.KINDS)
@@ -144,15 +154,15 @@ def test_cell_bench_quick(bench, tmp_path):
         # The references are plain autograd on the official layers' ops: nothing dispatches.
         assert row["dispatch"] == {}
         assert "pct_floor_fwd_bwd" not in row  # no copy bandwidth on a CPU, so no floor is claimed
-    assert Image.open(out.with_suffix(".png")).size[0] > 0
+    assert pytest.importorskip("PIL.Image").open(out.with_suffix(".png")).size[0] > 0
 
 
 def test_cell_bench_compile_row(bench, tmp_path):
     """torch.compile of the reference is timed when asked for, with its graph breaks counted."""
     cell_bench = bench("cell_bench")
     out = tmp_path / "kl.json"
-    assert cell_bench.main(["--quick", "--cells", "kl", "--dtypes", "fp32", "--impls", "eager,compile",
-                            "--out", str(out)]) == 0
+    assert cell_bench.main(["--quick", "--device", "cpu", "--cells", "kl", "--dtypes", "fp32", "--impls",
+                            "eager,compile", "--out", str(out)]) == 0
     rows = {r["impl"]: r for r in json.loads(out.read_text())["results"]}
     assert rows["compile"]["status"] == "timed" and rows["compile"]["graph_breaks"] == 0
     assert rows["compile"]["fwd_bwd_ms"] > 0 and "speedup" in rows["compile"]
@@ -161,7 +171,7 @@ def test_cell_bench_compile_row(bench, tmp_path):
 def test_model_bench_quick(bench, tmp_path):
     model_bench = bench("model_bench")
     out = tmp_path / "model.json"
-    assert model_bench.main(["--quick", "--out", str(out)]) == 0
+    assert model_bench.main(["--quick", "--device", "cpu", "--out", str(out)]) == 0
     payload = json.loads(out.read_text())
     timed = _check_common(payload)
     assert {(r["preset"], r["impl"], r["batch"]) for r in timed} == {("tiny_cifar10", "eager", 8)}
@@ -172,4 +182,82 @@ def test_model_bench_quick(bench, tmp_path):
         assert row["samples_per_s"] > 0 and row["images_per_s"] > 0 and row["sample_batch"] == 8
         # The reference model runs the official layers (no fused BatchNorm+Swish); only the KL ops dispatch.
         assert f"bn_swish[{row['dtype']}]" not in row["dispatch"] and set(row["dispatch"].values()) <= {"torch"}
-    assert Image.open(out.with_suffix(".png")).size[0] > 0
+    assert pytest.importorskip("PIL.Image").open(out.with_suffix(".png")).size[0] > 0
+
+
+@pytest.mark.parametrize("script", ["cell_bench", "model_bench"])
+def test_time_limit_records_the_rows_it_leaves_out(bench, tmp_path, script):
+    """Past --time-limit no row starts; each is recorded as not run (not a failure), and the JSON
+    says the run finished."""
+    out = tmp_path / f"{script}.json"
+    assert bench(script).main(["--quick", "--device", "cpu", "--dtypes", "fp32", "--impls", "eager",
+                               "--time-limit", "1e-9", "--out", str(out)]) == 0
+    payload = json.loads(out.read_text())
+    assert payload["finished"] is True and payload["results"]
+    assert all(r["status"] == "not run: --time-limit of 1e-09 s reached" for r in payload["results"])
+
+
+def test_bad_run_arguments_are_refused(bench, capsys):
+    cell_bench = bench("cell_bench")
+    with pytest.raises(SystemExit):
+        cell_bench.parse_args(["--time-limit", "0"])
+    assert "--time-limit: expected a positive number of seconds, got '0'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cell_bench.parse_args(["--device", "tpu"])
+
+
+def test_cpu_timings_on_a_gpu_machine_say_so(bench, monkeypatch):
+    """--device cpu where a GPU is present (as the tests above run there): the environment says the
+    GPU was not used, and triton is 'not timed' whether or not the interpreter is on."""
+    harness = bench("harness")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    env = harness.environment(torch.device("cpu"))
+    assert env["device"].startswith("CPU (") and "the GPU was not used" in env["device"]
+    for interpret in ("1", "0"):
+        monkeypatch.setenv("TRITON_INTERPRET", interpret)
+        assert harness.skip_reason("triton", torch.device("cpu")).startswith("not timed")
+    assert harness.skip_reason("cuda", torch.device("cpu")).startswith("not available")
+
+
+def test_device_cuda_without_a_gpu_is_refused(bench, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="--device cuda: no CUDA device"):
+        bench("harness").run_device("cuda")
+
+
+def test_a_missing_matplotlib_costs_the_chart_only(bench, monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    bench("harness").plot_bars(tmp_path / "c.png", [{"case": "a", "impl": "eager", "ms": 1.0}], ["case"], "impl",
+                               [("ms", "ms")], "title")
+    assert not (tmp_path / "c.png").exists() and "matplotlib is not installed" in capsys.readouterr().out
+
+
+def test_cell_floor_is_the_largest_resource_time(bench):
+    """The floor arithmetic, no timing: the CIFAR-10 decoder cell (N=32, C=256, 16x16, E=6, k=5)
+    in bf16 is tensor-core-bound, a KL group is HBM-bound, fp32 GEMMs without TF32 join the
+    depthwise work on the FP32 cores; the fused cell's launches move at least the ideal bytes."""
+    cell_bench, preset_shapes = bench("cell_bench"), bench("preset_shapes")
+    dec = cell_bench.Workload("cifar10", "dec_e6",
+                              preset_shapes.CellShape("normal_dec", ("mconv_e6k5g0",), 32, 256, 256, 16, 16, True, 58))
+    counts = cell_bench.traffic(dec, 2)
+    M, C, EC = 32 * 16 * 16, 256, 1536
+    assert counts["gemm_flop"] == 4 * M * C * EC and counts["dw_flop"] == 2 * M * EC * 25
+    assert counts["bytes_fwd_bwd"] == 2 * (2 * (M * C + M * C + 2 * M * EC + M * C) + M * C)
+    floor = cell_bench.floors(counts, torch.bfloat16, hbm_GBs=4300.0)
+    assert floor["bound_fwd_bwd"] == "tensor"
+    assert floor["floor_fwd_bwd_us"] == pytest.approx(3 * 4 * M * C * EC / 790e6)
+    assert floor["hbm_fwd_bwd_us"] == pytest.approx(counts["bytes_fwd_bwd"] / 4300e3)
+    assert floor["fp32_fwd_bwd_us"] == pytest.approx(3 * 2 * M * EC * 25 / 67e6)
+    assert floor["sfu_fwd_bwd_us"] == pytest.approx(2 * 2 * (2 * M * EC + 32 * C) / 4180e3)
+    assert max(floor[f"{r}_fwd_bwd_us"] for r in ("hbm", "tensor", "fp32", "sfu")) == floor["floor_fwd_bwd_us"]
+
+    fp32 = cell_bench.floors(cell_bench.traffic(dec, 4), torch.float32, hbm_GBs=4300.0, tf32=False)
+    assert fp32["tensor_fwd_bwd_us"] == 0 and fp32["bound_fwd_bwd"] == "fp32"
+    assert fp32["fp32_fwd_bwd_us"] == pytest.approx(3 * (4 * M * C * EC + 2 * M * EC * 25) / 67e6)
+
+    kl = cell_bench.Workload("cifar10", "kl", preset_shapes.LatentShape(32, 20, 16, 16, 30))
+    assert cell_bench.floors(cell_bench.traffic(kl, 2), torch.bfloat16)["bound_fwd_bwd"] == "hbm"
+
+    stages = cell_bench.fused_cell_stages(32, 256, 256, 16, 16, 6, False, 2)
+    assert len(stages) == 11
+    assert sum(s["read_bytes"] + s["write_bytes"] for s in stages) >= counts["bytes_fwd_bwd"]

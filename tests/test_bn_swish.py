@@ -14,6 +14,7 @@ from conftest import HAS_CUDA, requires_cuda
 from tolerances import assert_close
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
+DEVICE = "cuda" if HAS_CUDA else "cpu"   # where the triton backend runs (the interpreter on CPU)
 
 
 def _torch_bn_swish(x, weight, bias, rm, rv, training, momentum, eps):
@@ -121,17 +122,17 @@ def _cases():
         yield pytest.param(shape, dtype, layout, training, id=f"{shape}-{layout}-{'train' if training else 'eval'}")
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("shape,dtype,layout,training", list(_cases()))
 def test_triton_matches_reference(shape, dtype, layout, training):
-    device = "cuda" if HAS_CUDA else "cpu"
-    _check_backend_against_reference("triton", shape, dtype, layout, training, device)
+    _check_backend_against_reference("triton", shape, dtype, layout, training, DEVICE)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_triton_all_dtypes(dtype, layout):
-    device = "cuda" if HAS_CUDA else "cpu"
-    _check_backend_against_reference("triton", (2, 20, 5, 7), dtype, layout, True, device)
+    _check_backend_against_reference("triton", (2, 20, 5, 7), dtype, layout, True, DEVICE)
 
 
 @requires_cuda
@@ -148,15 +149,19 @@ def test_cuda_large_shapes(shape, dtype):
         _check_backend_against_reference("cuda", shape, dtype, layout, True, "cuda")
 
 
+@pytest.mark.gpu
 def test_triton_statistics_are_accurate_far_from_zero():
     """Mean 1000, std 1: naive fp32 sum-of-squares would lose the variance entirely."""
     x = torch.randn(4, 8, 16, 16) + 1000.0
     eps = 1e-5
     running_mean, running_var = torch.full((8,), 2.0), torch.full((8,), 3.0)
     with nvae_fast.use_backend("triton"):
-        mean, var = backend.kernels("bn_swish", "triton").bn_stats(x)
-        fused_mean, invstd = torch.ops.nvae_fast.bn_stats(x, running_mean, running_var, 0.25, eps)
+        mean, var = backend.kernels("bn_swish", "triton").bn_stats(x.to(DEVICE))
+        running_mean, running_var = running_mean.to(DEVICE), running_var.to(DEVICE)
+        fused_mean, invstd = torch.ops.nvae_fast.bn_stats(x.to(DEVICE), running_mean, running_var, 0.25, eps)
     ref_var, ref_mean = torch.var_mean(x.double(), dim=(0, 2, 3), unbiased=False)
+    mean, var, fused_mean, invstd = mean.cpu(), var.cpu(), fused_mean.cpu(), invstd.cpu()
+    running_mean, running_var = running_mean.cpu(), running_var.cpu()
     torch.testing.assert_close(mean.double(), ref_mean, atol=1e-4, rtol=0)
     torch.testing.assert_close(var.double(), ref_var, atol=1e-3, rtol=1e-3)
     torch.testing.assert_close(fused_mean, mean, atol=0, rtol=0)
@@ -252,7 +257,7 @@ def test_bad_inputs_raise_clear_errors():
         BatchNormSwish(4)(torch.randn(2, 4))
 
 
-@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device for a device mismatch")
+@requires_cuda
 def test_mismatched_devices_raise():
     w, b, rm, rv = _params(4)
     with pytest.raises(ValueError, match="weight is on cpu but x is on cuda"):

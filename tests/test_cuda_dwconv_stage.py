@@ -199,6 +199,7 @@ def test_cuda_device_mismatch_is_refused():
         dw.dwconv_stage_forward(a.cuda(), scale, shift.cuda(), weight.cuda())
 
 
+@pytest.mark.gpu   # checks the build the GPU check makes
 @pytest.mark.skipif(os.environ.get("NVAE_FAST_EXPECT_EXT") != "1",
                     reason="set NVAE_FAST_EXPECT_EXT=1 where the install built nvae_fast._C (CI does)")
 def test_extension_exposes_the_stage():

@@ -7,8 +7,10 @@ import torch.nn.functional as F
 import nvae_fast
 from nvae_fast.kernels.triton import dwconv_stage as triton_stage
 from nvae_fast.ops.dwconv_stage import (
-    dwconv_stage_backward, dwconv_stage_backward_ref, dwconv_stage_forward, dwconv_stage_forward_ref,
+    dwconv_stage_backward, dwconv_stage_backward_fused_ref, dwconv_stage_backward_ref, dwconv_stage_forward,
+    dwconv_stage_forward_fused_ref, dwconv_stage_forward_ref, fused_kernels_for,
 )
+from nvae_fast.ops.stage_args import BatchNormArgs, BatchNormGrad, RunningUpdate
 
 from conftest import HAS_CUDA, requires_cuda
 from tolerances import assert_close
@@ -63,36 +65,119 @@ CASES = [
 ]
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c)))
 def test_triton_matches_reference(case):
     _check(*case)
 
 
+@pytest.mark.gpu
 def test_triton_nchw_input():
     _check(2, 20, 5, 7, 5, 1, False, layout="nchw")
     _check(2, 6, 4, 3, 5, 1, True, layout="nchw")
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_triton_half_precision(dtype):
     _check(2, 20, 5, 7, 5, 1, True, dtype=dtype)
 
 
+@pytest.mark.gpu
 def test_triton_small_tiles(monkeypatch):
     """GPU-sized tiles: several pixel tiles per image, several channel blocks and reduction chunks."""
-    monkeypatch.setattr(triton_stage, "_blocks", lambda C, pixels, device: (16, 16))
-    monkeypatch.setattr(triton_stage, "reduction_programs", lambda device, others: 3)
+    monkeypatch.setattr(triton_stage, "_tiles", lambda C, rows, cols, up, device, budget: (2, 4, 16))
+    monkeypatch.setattr(triton_stage, "_programs", lambda device, channel_blocks, items: min(items, 3))
     _check(2, 40, 5, 6, 3, 1, False)
     _check(1, 20, 3, 4, 3, 1, True)
     _check(2, 17, 6, 5, 3, 2, False)
+
+
+def _fused_inputs(N, C, H, W, k, stride, upsample, dtype, seed=3):
+    g = torch.Generator().manual_seed(seed)
+
+    def vec(scale=1.0, offset=0.0):
+        return (torch.randn(C, generator=g) * scale + offset).to(DEVICE)
+
+    def act(h, w):
+        return (torch.randn(N, C, h, w, generator=g) * 1.5 + 0.2).to(DEVICE, dtype).contiguous(
+            memory_format=torch.channels_last)
+
+    a = act(H, W)
+    bn1 = BatchNormArgs(vec(0.2, 1.0), vec(0.2), vec(0.5), vec().abs() + 0.5, 1e-5)
+    weight = (torch.randn(C, 1, k, k, generator=g) / k).to(DEVICE)
+    Ho = ((2 * H if upsample else H) + 2 * (k // 2) - k) // stride + 1
+    Wo = ((2 * W if upsample else W) + 2 * (k // 2) - k) // stride + 1
+    dz, z = act(Ho, Wo), act(Ho, Wo)
+    bn2 = BatchNormArgs(vec(0.2, 1.0), vec(0.2), vec(0.5), vec().abs() + 0.5, 1e-5)
+    sums2 = torch.randn(2, C, generator=g).to(DEVICE) * N * Ho * Wo
+    return a, bn1, weight, dz, z, bn2, sums2, N * Ho * Wo
+
+
+def _run_fused(forward, backward, inputs, stride, upsample, training):
+    a, bn1, weight, dz, z, bn2, sums2, count = inputs
+    C = a.shape[1]
+    stats = torch.empty(2, C, device=DEVICE) if training else None
+    running = RunningUpdate(bn1.mean.clone(), bn1.var.clone(), torch.tensor(7, device=DEVICE), 0.05, 1.01) \
+        if training else None
+    c = forward(a, bn1, weight, stride, upsample, stats, running)
+    sums, bn_grads = torch.empty(2, C, device=DEVICE), (torch.empty(C, device=DEVICE), torch.empty(C, device=DEVICE))
+    dweight = torch.empty_like(weight)
+    g = backward(dz, z, bn2, BatchNormGrad(sums2, count, training), a, bn1, weight, stride, upsample, sums, bn_grads,
+                 dweight)
+    return [c, g, sums, *bn_grads, dweight] + ([stats, running.mean, running.var, running.num_batches_tracked]
+                                               if training else [])
+
+
+@pytest.mark.parametrize("case", [(2, 20, 5, 7, 5, 1, False, True), (3, 12, 4, 4, 5, 1, True, True),
+                                  (2, 6, 9, 9, 3, 2, False, True), (2, 20, 5, 7, 5, 1, True, False)],
+                         ids=lambda c: "x".join(map(str, c)))
+def test_triton_fused_contract_matches_reference(case):
+    """The fused contract (BN1 from its statistics, BN2's backward applied in the prologue, the
+    statistics, running update, sums and BN1's gradients written in place) against its reference."""
+    N, C, H, W, k, stride, upsample, training = case
+    inputs = _fused_inputs(N, C, H, W, k, stride, upsample, torch.float32)
+    expected = _run_fused(dwconv_stage_forward_fused_ref, dwconv_stage_backward_fused_ref, inputs, stride, upsample,
+                          training)
+    with nvae_fast.use_backend("triton"):
+        fused = fused_kernels_for(inputs[0])
+    assert fused.dwconv_stage_forward_fused is triton_stage.dwconv_stage_forward_fused
+    got = _run_fused(fused.dwconv_stage_forward_fused, fused.dwconv_stage_backward_fused, inputs, stride, upsample,
+                     training)
+    names = ["c", "g", "sums", "bn1 weight grad", "bn1 bias grad", "dweight", "stats", "running mean",
+             "running var", "num_batches_tracked"]
+    for name, x, y in zip(names, got, expected):
+        if name == "num_batches_tracked":
+            assert x.item() == y.item() == 8
+        else:
+            scale = 10 * max(1.0, y.abs().max().item()) if name in ("sums", "dweight", "bn1 weight grad",
+                                                                    "bn1 bias grad") else 5
+            assert_close(x, y, torch.float32, scale=scale, msg=f"{name}, {case}")
+
+
+def test_plain_backends_get_the_fused_contract_composed(monkeypatch):
+    """A backend with only the plain contract (the cuda one today) runs the fused contract through
+    torch ops around its kernels: the same results as the reference."""
+    from types import SimpleNamespace
+
+    import nvae_fast.ops.dwconv_stage as ops_stage
+
+    inputs = _fused_inputs(2, 8, 4, 5, 5, 1, True, torch.float32)
+    plain = SimpleNamespace(dwconv_stage_forward=dwconv_stage_forward_ref,
+                            dwconv_stage_backward=dwconv_stage_backward_ref)
+    monkeypatch.setattr(ops_stage, "kernels_for", lambda a: plain)
+    composed = fused_kernels_for(inputs[0])
+    got = _run_fused(composed.dwconv_stage_forward_fused, composed.dwconv_stage_backward_fused, inputs, 1, True, True)
+    expected = _run_fused(dwconv_stage_forward_fused_ref, dwconv_stage_backward_fused_ref, inputs, 1, True, True)
+    for x, y in zip(got, expected):
+        torch.testing.assert_close(x, y)
 
 
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape,upsample", [((32, 1536, 16, 16), False), ((4, 360, 64, 64), False),
                                             ((8, 768, 8, 8), True)])
-def test_triton_large_shapes_on_gpu(shape, upsample, dtype, monkeypatch):
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)   # the reference's conv in full fp32
+def test_triton_large_shapes_on_gpu(shape, upsample, dtype):
     _check(*shape, 5, 1, upsample, dtype=dtype)
 
 

@@ -9,6 +9,7 @@ from nvae_fast import _ext
 from conftest import HAS_CUDA
 
 
+@pytest.mark.gpu   # checks the build the GPU check makes
 @pytest.mark.skipif(os.environ.get("NVAE_FAST_EXPECT_EXT") != "1",
                     reason="set NVAE_FAST_EXPECT_EXT=1 where the install built nvae_fast._C (CI does)")
 def test_extension_is_built_and_imports():

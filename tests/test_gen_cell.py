@@ -35,8 +35,15 @@ def _params(Cin, Cout, E, k=5, se=True, seed=0):
         r(EC, scale=0.2, offset=1), r(EC, scale=0.2), r(Cout, EC, 1, 1, scale=EC ** -0.5),
         r(Cout, scale=0.2, offset=1), r(Cout, scale=0.2), *se_params)
     running = GenCellRunningStats(*(r(C, scale=0.1) if i % 2 == 0 else r(C).abs() + 0.5
-                                    for i, C in enumerate((Cin, Cin, EC, EC, EC, EC, Cout, Cout))))
+                                    for i, C in enumerate((Cin, Cin, EC, EC, EC, EC, Cout, Cout))),
+                                  *(torch.tensor(3) for _ in range(4)))
     return params, running
+
+
+def _copy_running(running, dtype=None, device=DEVICE):
+    """A copy of the running statistics (in ``dtype``) and of the integer batch counters."""
+    return GenCellRunningStats(*(t.to(device, dtype if t.is_floating_point() and dtype else t.dtype).clone()
+                                 for t in running))
 
 
 def _inputs(N, Cin, Cout, H, W, upsample, seed=1):
@@ -49,26 +56,27 @@ def _inputs(N, Cin, Cout, H, W, upsample, seed=1):
     return x, skip, dout
 
 
-def _leaf(t, dtype=None, layout="channels_last"):
+def _leaf(t, dtype=None, layout="channels_last", device=DEVICE):
     if t is None:
         return None
-    t = t.to(DEVICE, dtype or t.dtype)
+    t = t.to(device, dtype or t.dtype)
     if layout == "channels_last" and t.dim() == 4:
         t = t.contiguous(memory_format=torch.channels_last)
     return t.detach().clone().requires_grad_()
 
 
-def _run(backend, x, skip, dout, params, running, upsample, training, dtype, layout="channels_last"):
+def _run(backend, x, skip, dout, params, running, upsample, training, dtype, layout="channels_last",
+         device=DEVICE):
     """Output and gradients of one forward/backward; params and running statistics in fp32 (fp64
     for fp64 activations), as a model keeps them."""
     pdtype = torch.float64 if dtype == torch.float64 else torch.float32
-    xl, sl = _leaf(x, dtype, layout), _leaf(skip, dtype, layout)
-    pl = GenCellParams(*(None if t is None else _leaf(t, pdtype, "keep") for t in params))
-    rl = GenCellRunningStats(*(t.to(DEVICE, pdtype).clone() for t in running))
+    xl, sl = _leaf(x, dtype, layout, device), _leaf(skip, dtype, layout, device)
+    pl = GenCellParams(*(None if t is None else _leaf(t, pdtype, "keep", device) for t in params))
+    rl = _copy_running(running, pdtype, device)
     fn = gen_cell_ref if backend == "ref" else gen_cell
     with nvae_fast.use_backend(None if backend == "ref" else backend):
         out = fn(xl, pl, rl, sl, upsample, training, 0.05, 1e-5)
-        out.backward(dout.to(DEVICE, dtype))
+        out.backward(dout.to(device, dtype))
     grads = {"x": xl.grad, **({"skip": sl.grad} if sl is not None else {})}
     grads.update({name: t.grad for name, t in zip(GenCellParams._fields, pl) if t is not None})
     return out.detach(), grads, rl
@@ -86,7 +94,10 @@ def _compare(got, expected, dtype, where, scale=1.0):
         assert_close(g.double(), ref.double(), dtype if name in ("x", "skip") else torch.float32, scale=atol_scale,
                      msg=f"grad {name}, {where}")
     for name, r, r_e in zip(GenCellRunningStats._fields, running, running_e):
-        assert_close(r.double(), r_e.double(), torch.float32, scale=scale, msg=f"running {name}, {where}")
+        if r.is_floating_point():
+            assert_close(r.double(), r_e.double(), torch.float32, scale=scale, msg=f"running {name}, {where}")
+        else:
+            assert torch.equal(r, r_e), f"running {name}, {where}: {r} != {r_e}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,7 +147,7 @@ def test_reference_matches_official_layers(upsample):
     params, running = _params(Cin, Cout, E, k)
     x, skip, _ = _inputs(2, Cin, Cout, 4, 3, upsample)
     cell = _OfficialLikeCell(params, running, upsample)
-    run = GenCellRunningStats(*(t.clone() for t in running))
+    run = _copy_running(running, device="cpu")
     for training in (True, False):   # eval after the training step: with the updated statistics
         cell.train(training)
         expected = cell(x, skip)
@@ -163,6 +174,7 @@ TORCH_CASES = [
 ]
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("case", TORCH_CASES, ids=lambda c: "x".join(map(str, c)))
 def test_torch_backend_matches_reference_float64(case):
     N, Cin, Cout, E, k, H, W, upsample, training, se = case
@@ -183,7 +195,7 @@ def test_torch_backend_gradcheck(training):
 
     def fn(x, *tensors):
         with nvae_fast.use_backend("torch"):
-            return gen_cell(x, GenCellParams(*tensors), GenCellRunningStats(*(t.clone() for t in running)),
+            return gen_cell(x, GenCellParams(*tensors), _copy_running(running, device="cpu"),
                             training=training)
 
     assert torch.autograd.gradcheck(fn, leaves, fast_mode=True)
@@ -207,6 +219,7 @@ TRITON_CASES = [
 ]
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("case", TRITON_CASES, ids=lambda c: "x".join(map(str, c)))
 def test_triton_matches_reference(case):
     N, Cin, Cout, E, k, H, W, upsample, training, se = case
@@ -223,6 +236,7 @@ def test_triton_matches_reference(case):
     _compare(got, expected, torch.float32, f"{case}", scale=25 if H * W > 1 or not upsample else 1e3)
 
 
+@pytest.mark.gpu
 def test_triton_nchw_input():
     params, running = _params(20, 20, 6, 5)
     x, skip, dout = _inputs(2, 20, 20, 5, 7, False)
@@ -250,7 +264,7 @@ def _check_half_against_autocast(case, dtype, x_offset=0.0):
     atol = TOL[dtype][0]
     pairs = [("output", got[0], eager[0], expected[0])]
     pairs += [(f"grad {n}", got[1][n], eager[1][n], expected[1][n]) for n in expected[1]]
-    pairs += [(f"running {n}", a, b, c) for n, a, b, c in zip(GenCellRunningStats._fields, got[2], eager[2],
+    pairs += [(f"running {n}", a, b, c) for n, a, b, c in zip(GenCellRunningStats._fields[:8], got[2], eager[2],
                                                                expected[2])]
     for name, g, e, ref in pairs:
         err = (g.double() - ref.double()).abs().max().item()
@@ -258,12 +272,14 @@ def _check_half_against_autocast(case, dtype, x_offset=0.0):
         assert err <= 3 * eager_err + atol, f"{name}, {case} {dtype}: error {err:.3g}, eager's {eager_err:.3g}"
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("x_offset", [0.0, 15.0])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_triton_half_precision(dtype, x_offset):
     _check_half_against_autocast((2, 20, 10, 6, 5, 4, 4, True), dtype, x_offset)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_fp32_math_is_not_rounded_by_autocast(backend):
     """Autocast stays on inside custom ops; the op's own fp32 math (BN folds, SE MLP) must not
@@ -279,9 +295,7 @@ def test_fp32_math_is_not_rounded_by_autocast(backend):
 @requires_cuda
 @pytest.mark.parametrize("case", [(32, 128, 128, 6, 5, 8, 8, False), (16, 64, 32, 3, 5, 16, 16, True),
                                   (8, 96, 96, 6, 11, 8, 8, False)])
-def test_triton_large_shapes_on_gpu(case, monkeypatch):
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)   # fp32 GEMMs in full precision
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+def test_triton_large_shapes_on_gpu(case):
     N, Cin, Cout, E, k, H, W, upsample = case
     params, running = _params(Cin, Cout, E, k)
     x, skip, dout = _inputs(N, Cin, Cout, H, W, upsample)
@@ -317,6 +331,7 @@ def _nbytes(tensors):
     return total
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("backend,upsample", [("torch", False), ("torch", True), ("triton", False)])
 def test_saved_activations_are_x_a_c_e_and_statistics(backend, upsample):
     N, Cin, H, W = (8, 32, 16, 16) if backend == "torch" else (2, 8, 4, 4)
@@ -325,7 +340,7 @@ def test_saved_activations_are_x_a_c_e_and_statistics(backend, upsample):
     x, skip, _ = _inputs(N, Cin, Cout, H, W, upsample)
     pl = GenCellParams(*(_leaf(t, torch.float32, "keep") for t in params.tensors()))
     xl, sl = _leaf(x, torch.float32), _leaf(skip, torch.float32)
-    rl = GenCellRunningStats(*(t.float().to(DEVICE) for t in running))
+    rl = _copy_running(running, torch.float32)
     with nvae_fast.use_backend(backend):
         _, saved = _saved_tensors(lambda: gen_cell(xl, pl, rl, sl, upsample))
     eager_cell = _OfficialLikeCell(pl, rl, upsample).to(DEVICE)
@@ -352,12 +367,19 @@ def test_saved_activations_are_x_a_c_e_and_statistics(backend, upsample):
 
 @pytest.mark.parametrize("training", [True, False])
 def test_opcheck(training):
+    """The forward op (which updates the running statistics in place) and the backward op; the
+    autograd between them is an autograd.Function (checked by the gradient tests)."""
     params, running = _params(4, 4, 3, 3)
-    x, _, _ = _inputs(2, 4, 4, 3, 3, False)
-    tensors = [t.float().requires_grad_() for t in params.tensors()]
-    eval_stats = [] if training else [t.float() for t in running]
-    torch.library.opcheck(torch.ops.nvae_fast.gen_cell.default,
-                          (x.float().requires_grad_(), None, tensors, eval_stats, False, training, 1e-5))
+    x, _, dout = _inputs(2, 4, 4, 3, 3, False)
+    x, dout = x.float(), dout.float()
+    tensors = [t.float() for t in params.tensors()]
+    args = (x, None, tensors, [], list(_copy_running(running, torch.float32, "cpu")), False, training, 0.05, 1e-5)
+    torch.library.opcheck(torch.ops.nvae_fast.gen_cell.default, args)
+    _, a, c, e, stats, sum_e = torch.ops.nvae_fast.gen_cell(*args)
+    if not training:   # the backward of eval mode takes the running statistics, packed
+        stats = torch.cat(args[4][:8])
+    torch.library.opcheck(torch.ops.nvae_fast.gen_cell_backward.default,
+                          (dout, x, a, c, e, stats, sum_e, tensors, [], False, training, 1e-5, False))
 
 
 def test_compiles_without_graph_breaks():
@@ -366,7 +388,7 @@ def test_compiles_without_graph_breaks():
     pl = GenCellParams(*(t.float().requires_grad_() for t in params.tensors()))
 
     def step(x, skip):
-        return gen_cell(x, pl, GenCellRunningStats(*(t.float() for t in running)), skip, upsample=True)
+        return gen_cell(x, pl, _copy_running(running, torch.float32, "cpu"), skip, upsample=True)
 
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
     xs = [x.float().requires_grad_() for _ in range(2)]
@@ -385,7 +407,7 @@ def _dist_worker(rank, init_file, backend, upsample, out_file):
         x, skip, dout = _inputs(N, Cin, Cout, 3, 4, upsample)
         part = slice(rank * N // 2, (rank + 1) * N // 2)
         out, grads, run = _run(backend, x[part], None if skip is None else skip[part], dout[part], params, running,
-                               upsample, True, torch.float32)
+                               upsample, True, torch.float32, device="cpu")
         for name in grads:
             if name not in ("x", "skip"):
                 dist.all_reduce(grads[name])   # DDP sums (then averages) the parameter gradients
@@ -401,27 +423,32 @@ def _dist_worker(rank, init_file, backend, upsample, out_file):
 
 
 @pytest.mark.parametrize("backend,upsample", [("triton", False), ("torch", True)])
-def test_two_ranks_equal_one_process_on_joined_batch(tmp_path, backend, upsample):
+def test_two_ranks_equal_one_process_on_joined_batch(tmp_path, monkeypatch, backend, upsample):
+    """Two gloo ranks on CPU tensors; on a GPU machine too, with Triton's interpreter in the ranks."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
     out_file = tmp_path / "out.pt"
     mp.spawn(_dist_worker, args=(str(tmp_path / "init"), backend, upsample, str(out_file)), nprocs=2, join=True)
     got = torch.load(out_file)
     N, Cin, Cout = 4, 6, 3 if upsample else 6
     params, running = _params(Cin, Cout, 3, 3)
     x, skip, dout = _inputs(N, Cin, Cout, 3, 4, upsample)
-    out, grads, run = _run("torch", x, skip, dout, params, running, upsample, True, torch.float32)
+    out, grads, run = _run("torch", x, skip, dout, params, running, upsample, True, torch.float32, device="cpu")
     assert_close(got["gathered"]["out"], out, scale=5, msg="output")
     assert_close(got["gathered"]["x"], grads["x"], scale=5, msg="grad x")
     for name, g in got["grads"].items():
         if name not in ("x", "skip"):
             assert_close(g, grads[name], scale=5 * max(1.0, grads[name].abs().max().item()), msg=f"grad {name}")
     for name, r, r_e in zip(GenCellRunningStats._fields, got["running"], run):
-        assert_close(r, r_e, scale=5, msg=f"running {name}")
+        if r.is_floating_point():
+            assert_close(r, r_e, scale=5, msg=f"running {name}")
+        else:
+            assert torch.equal(r, r_e), f"running {name}: {r} != {r_e}"
 
 
 def test_bad_inputs_raise_clear_errors():
     params, running = _params(4, 4, 3, 3)
     p = GenCellParams(*(t.float() for t in params.tensors()))
-    r = GenCellRunningStats(*(t.float() for t in running))
+    r = _copy_running(running, torch.float32, "cpu")
     x = torch.randn(2, 4, 3, 3)
     with pytest.raises(ValueError, match="4-D"):
         gen_cell(x[0], p, r)
@@ -460,3 +487,109 @@ def test_gemm_pipelining_fits_the_gpu_shared_memory(monkeypatch, limit, stages):
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
     gpu_tensor = SimpleNamespace(is_cuda=True, device="cuda:0")
     assert gemm_stages(gpu_tensor, 64 * (32 + 64) * 4) == stages
+
+
+def test_gemm_tiles_per_shape():
+    """On a GPU (132 SMs) the GEMM stages take 128-row tiles where M fills the SMs, GEMM2's
+    forward a column block covering Cout (its prologue's sigmoids computed once), smaller tiles
+    where M is small; fp32 halves the K depth; the weight-gradient dots are >= 64 both ways."""
+    from types import SimpleNamespace
+
+    from nvae_fast.kernels.triton import gen_cell as kernels
+
+    def gpu(elem):
+        return SimpleNamespace(is_cuda=True, device="cuda:0", element_size=lambda: elem)
+
+    cifar = 32 * 16 * 16   # N H W of the CIFAR-10 decoder cell: C=256, EC=1536
+    assert kernels._gemm_blocks("conv1_forward", cifar, 256, 1536, gpu(2)) == (128, 128, 64, 8)
+    assert kernels._gemm_blocks("conv2_forward", cifar, 1536, 256, gpu(2)) == (64, 256, 32, 8)
+    assert kernels._gemm_blocks("conv2_backward_data", cifar, 256, 1536, gpu(2)) == (128, 128, 64, 8)
+    assert kernels._gemm_blocks("conv1_backward_data", cifar, 1536, 256, gpu(2)) == (128, 64, 64, 4)
+    assert kernels._gemm_blocks("conv1_forward", cifar, 256, 1536, gpu(4)) == (128, 128, 32, 8)
+    assert kernels._gemm_blocks("conv1_forward", 2 * 8 * 8, 20, 120, gpu(2)) == (64, 64, 32, 4)
+    for k1, k2, rows, warps in kernels._WEIGHT_GRAD_TILES.values():
+        assert k1 >= 64 and k2 >= 64 and rows >= 16
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch budget (structural counts: what a GPU run would launch, counted on the CPU)
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def launch_count(monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import launch_count
+
+    return launch_count
+
+
+def _cell_counts(launch_count, cell_type, op="mconv_e6k5g0"):
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "overflow encountered in exp", RuntimeWarning)
+        return launch_count.cell_counts(cell_type, op, True, shape=(1, 8, 2, 2), backend="triton")
+
+
+FORWARD_KERNELS = {"_stats_kernel": 1, "_forward_gemm_kernel": 2, "_forward_kernel": 1, "_output_kernel": 1}
+BACKWARD_KERNELS = {"_output_backward_kernel": 1, "_conv2_backward_data_kernel": 1, "_weight_grad_kernel": 2,
+                    "_backward_kernel": 1, "_conv1_backward_data_kernel": 1}
+
+
+@pytest.mark.skipif(not nvae_fast.backend.triton_interpreted(), reason="counts Triton launches under the interpreter")
+def test_normal_cell_launch_budget(launch_count):
+    """One normal cell with SE: 11 launches forward + backward in training (budget 20; 208 before
+    the in-kernel merges), 4 in eval (budget 6): one per stage, nothing between them, no sync."""
+    counts = _cell_counts(launch_count, "normal_dec")
+    train, evaluation = counts["train_forward_backward"], counts["eval_forward"]
+    assert train["triton_by_kernel"] == {k: FORWARD_KERNELS.get(k, 0) + BACKWARD_KERNELS.get(k, 0)
+                                         for k in {**FORWARD_KERNELS, **BACKWARD_KERNELS}}
+    assert train["aten_launches"] == 0 and train["launches"] == 11 <= 20
+    assert evaluation["triton_by_kernel"] == {"_forward_gemm_kernel": 2, "_forward_kernel": 1, "_output_kernel": 1}
+    assert evaluation["aten_launches"] == 0 and evaluation["launches"] == 4 <= 6
+    assert train["syncs"] == evaluation["syncs"] == 0
+    assert launch_count.cell_summary(counts) == {
+        "train_forward_backward": {"launches": 11, "budget": 20, "before": 208},
+        "eval_forward": {"launches": 4, "budget": 6, "before": 38}}
+
+
+@pytest.mark.skipif(not nvae_fast.backend.triton_interpreted(), reason="counts Triton launches under the interpreter")
+def test_up_cell_launch_budget(launch_count, monkeypatch):
+    """The up-cell adds its skip, bilinear_2x(conv1x1(x)): a convolution and an upsampling each
+    way, and the sum of x's two gradients. Its weight normalisation is the model's (counted per
+    training step, not per cell): here the identity, so that only the cell's own launches count."""
+    import nvae_fast.nn.conv as conv
+
+    monkeypatch.setattr(conv, "normalize_weight", lambda weight, log_weight_norm: weight)
+    counts = _cell_counts(launch_count, "up_dec")
+    train, evaluation = counts["train_forward_backward"], counts["eval_forward"]
+    assert sum(train["triton_by_kernel"].values()) == 11
+    # + autograd's sum of x's two gradients (through the branch and through the skip)
+    assert train["aten_by_op"] == {"convolution": 1, "upsample_bilinear2d": 1, "convolution_backward": 1,
+                                   "upsample_bilinear2d_backward": 1, "add": 1}
+    assert train["launches"] == 16 <= 20
+    assert sum(evaluation["triton_by_kernel"].values()) == 4
+    assert evaluation["aten_by_op"] == {"convolution": 1, "upsample_bilinear2d": 1}
+    assert evaluation["launches"] == 6 <= 6
+    assert train["syncs"] == evaluation["syncs"] == 0
+
+
+def test_module_prepares_kernel_weights_once():
+    """The cell's 1x1 weights in the activations' dtype are cast once and reused until the
+    parameters change (an optimizer step bumps their version); gradients still reach them."""
+    from nvae_fast.nn.cells import make_cell
+
+    torch.manual_seed(0)
+    cell = make_cell(8, 8, "normal_dec", ("mconv_e6k5g0",), True)
+    blk = cell.block
+    w1, w2 = blk.conv1.normalized_weight(), blk.conv2.normalized_weight()
+    first = cell._kernel_weights(w1, w2, torch.bfloat16)
+    assert first.w1.dtype == torch.bfloat16 and first.w1.shape == (48, 8)
+    assert cell._kernel_weights(w1, w2, torch.bfloat16) is first
+    with torch.no_grad():
+        blk.conv1.weight.mul_(2)
+    second = cell._kernel_weights(w1, w2, torch.bfloat16)
+    assert second is not first
+    torch.testing.assert_close(second.w1.float(), (blk.conv1.weight.reshape(48, 8)).bfloat16().float())
+    fp32 = cell._kernel_weights(w1, w2, torch.float32)
+    assert fp32.w1.data_ptr() == blk.conv1.weight.data_ptr()    # a view: no copy at all

@@ -72,6 +72,7 @@ def test_follows_custom_ops_into_their_implementation(launch_count):
     assert counts.launches == counts.inside["nvae_fast::normal_sample"] > 0 and not counts.triton
 
 
+@pytest.mark.gpu   # on the GPU where there is one
 @pytest.mark.skipif(not (backend.triton_interpreted() or torch.cuda.is_available()),
                     reason="Triton needs a GPU or TRITON_INTERPRET=1")
 def test_counts_triton_launches_and_nothing_inside_them(launch_count):
@@ -92,7 +93,8 @@ def test_counts_triton_launches_and_nothing_inside_them(launch_count):
 def test_cli_prints_the_cell_counts_as_json(launch_count, capsys, tmp_path):
     out = tmp_path / "counts.json"
     assert launch_count.main(["--workloads", "cell", "--backend", "torch", "--output", str(out)]) == 0
-    printed = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    printed = json.loads(captured.out)
     assert printed == json.loads(out.read_text())
     cells = {c["cell_type"]: c for c in printed["cells"]}
     assert set(cells) == {"normal_dec", "up_dec"}
@@ -100,6 +102,11 @@ def test_cli_prints_the_cell_counts_as_json(launch_count, capsys, tmp_path):
         for phase in ("train_forward_backward", "eval_forward"):
             assert cell[phase]["launches"] == cell[phase]["aten_launches"] > 0
             assert cell[phase]["syncs"] == 0
+            # the torch backend is the eager reference: no fused-cell budget is claimed for it
+            summary = printed["summary"][cell["cell_type"]][phase]
+            assert summary["launches"] == cell[phase]["launches"] and "budget" not in summary
+    assert printed["summary"]["up_dec"]["train_forward_backward"]["of_which_skip_weight_norm"] > 0
+    assert "normal_dec: " in captured.err and "up_dec: " in captured.err
 
 
 def test_cli_rejects_unknown_workloads(launch_count, capsys):
@@ -128,9 +135,9 @@ def test_attributes_launches_to_the_outermost_custom_op(launch_count):
     assert dict(counts.inside) == {"launch_count_test::double_plus_one": 2}
 
 
-# One training step of tiny_cifar10 on the triton backend (batch 4): kernels a GPU run launches.
-# The official code's step launches about 7,600 and synchronises 79 times.
-STEP_LAUNCH_BUDGET = 2030
+# One training step of tiny_cifar10 on the triton backend (batch 4): kernels a GPU run launches
+# (950 when this was written). The official code's step launches about 7,600 and synchronises 79 times.
+STEP_LAUNCH_BUDGET = 1600
 
 
 @pytest.mark.skipif(not backend.triton_interpreted(), reason="counted under TRITON_INTERPRET=1")

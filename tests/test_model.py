@@ -236,7 +236,9 @@ def test_sample_follows_the_model_dtype_and_checks_arguments():
     with pytest.raises(ValueError, match="num_samples must be a positive integer"):
         model.sample(0, 1.0)
     with pytest.raises(ValueError, match="temperature"):
-        model.sample(1, 0.0)
+        model.sample(1, -0.5)
+    with pytest.raises(ValueError, match="temperature"):
+        model.sample(1, float("nan"))
 
 
 def test_readjust_bn_updates_running_statistics_and_ends_in_eval():

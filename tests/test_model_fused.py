@@ -1,6 +1,6 @@
-"""nvae_fast.NVAE on the fused kernels: with the triton backend (the interpreter on CPU) the decoder's
-inverted-residual cells run the fused cell and the KL runs its Triton kernels, with the eager
-model's numbers."""
+"""nvae_fast.NVAE on the fused kernels: with the triton backend (on the GPU where there is one, else
+the interpreter on CPU) the decoder's inverted-residual cells run the fused cell and the KL runs its
+Triton kernels, with the eager model's numbers."""
 
 import copy
 
@@ -13,7 +13,10 @@ from nvae_fast import NVAE
 from nvae_fast.distributions import reconstruction_loss
 from nvae_fast.nn.cells import InvertedResidualCell
 
+from conftest import HAS_CUDA
 from tolerances import TOL, assert_close
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
 
 
 @pytest.fixture
@@ -32,8 +35,8 @@ def fused_calls(monkeypatch):
 
 def _train_step_then_eval(backend):
     torch.manual_seed(0)
-    model = NVAE.from_preset("tiny_cifar10").train()
-    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    model = NVAE.from_preset("tiny_cifar10").to(DEVICE).train()
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     torch.manual_seed(5)   # the same noise in both runs
     with nvae_fast.use_backend(backend):
         outputs = model(x)
@@ -46,6 +49,7 @@ def _train_step_then_eval(backend):
     return model, outputs, eval_logits
 
 
+@pytest.mark.gpu
 def test_triton_backend_matches_the_eager_model(fused_calls):
     eager_model, eager_out, eager_eval = _train_step_then_eval("torch")
     assert not fused_calls
@@ -81,20 +85,21 @@ def test_cpu_tensors_keep_the_eager_cells_by_default(fused_calls):
     assert not fused_calls
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("cell_type,op,c_in,c_out", [("normal_dec", "mconv_e6k5g0", 8, 8),
                                                       ("up_post", "mconv_e3k5g0", 8, 4)])
 def test_fused_cell_under_autocast(fused_calls, cell_type, op, c_in, c_out):
     """Under bf16 autocast the fused cell runs its stages in bf16 (as the eager cell's
     convolutions do) and its error against float64 stays within three times the eager cell's."""
     torch.manual_seed(0)
-    cell = InvertedResidualCell(c_in, c_out, cell_type, op, use_se=True).train()
-    x = torch.randn(2, c_in, 4, 4)
+    cell = InvertedResidualCell(c_in, c_out, cell_type, op, use_se=True).to(DEVICE).train()
+    x = torch.randn(2, c_in, 4, 4).to(DEVICE)
     size = 8 if cell_type.startswith("up") else 4
-    dout = torch.randn(2, c_out, size, size)
+    dout = torch.randn(2, c_out, size, size).to(DEVICE)
 
     def run(module, x, backend, autocast):
         x = x.clone().requires_grad_()
-        with nvae_fast.use_backend(backend), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        with nvae_fast.use_backend(backend), torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=autocast):
             out = module(x)
         out.backward(dout.to(out.dtype))
         return [out.detach().double(), x.grad.double()] + [p.grad.double() for p in module.parameters()]

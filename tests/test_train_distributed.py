@@ -42,7 +42,10 @@ def test_two_ranks_match_one_process_on_the_joined_batch(tmp_path):
     for kind in ("grads", "buffers"):
         assert got[kind].keys() == expected[kind].keys()
         for name, value in expected[kind].items():
-            torch.testing.assert_close(got[kind][name], value, atol=1e-5, rtol=1e-5, msg=f"{kind} {name}")
+            # fp32 sums in another order: errors scale with the tensor's magnitude (bias gradients
+            # of about 20 sum terms of either sign, so an element near 0 can be off by 5e-5).
+            scale = max(1.0, value.abs().max().item())
+            torch.testing.assert_close(got[kind][name], value, atol=1e-5 * scale, rtol=1e-5, msg=f"{kind} {name}")
 
 
 def test_official_launch_flags_run_two_processes_writing_once_from_rank_zero(tmp_path):
@@ -55,7 +58,8 @@ def test_official_launch_flags_run_two_processes_writing_once_from_rank_zero(tmp
     proc = subprocess.run(
         [sys.executable, "-m", "nvae_fast", "train", "--preset", "tiny_mnist", "--data", str(tmp_path), "--root",
          str(tmp_path / "runs"), "--epochs", "1", "--warmup_epochs", "0", "--batch_size", "4", "--num_iw_samples",
-         "2", "--num_samples", "4", "--num_process_per_node", "2", "--master_address", "127.0.0.1"],
+         "2", "--num_samples", "4", "--num_process_per_node", "2", "--master_address", "127.0.0.1",
+         "--device", "cpu"],   # gloo ranks on the CPU: a one-GPU machine has no cuda:1 for rank 1
         cwd=tmp_path, env={**_env(), "MASTER_PORT": str(port)}, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]
     run = tmp_path / "runs" / "eval-tiny_mnist"

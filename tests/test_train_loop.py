@@ -163,6 +163,7 @@ def test_resume_continues_exactly(mnist_dir, tmp_path):
             assert torch.equal(b[key][name], value), (key, name)
 
 
+@pytest.mark.gpu   # the commands' default device: on a GPU machine this trains, evaluates and samples there
 def test_cli_trains_then_evaluates_samples_and_exports(mnist_dir, tmp_path, capsys):
     pytest.importorskip("safetensors")
     root = tmp_path / "runs"

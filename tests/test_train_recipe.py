@@ -10,8 +10,46 @@ from nvae_fast.train.losses import balanced_kl, dims_per_sample, kl_balance_alph
 from nvae_fast.train.schedules import WarmupCosineLR, kl_coefficient, learning_rate, spectral_coefficient
 
 
-def test_learning_rate_warmup_then_cosine_per_epoch():
-    kw = dict(steps_per_epoch=10, epochs=8, warmup_epochs=2, lr=1e-2, lr_min=1e-4)
+def _official_lrs(steps_per_epoch: int, epochs: int, warmup_epochs: int, lr: float, lr_min: float) -> list[float]:
+    """Every step's learning rate as the official train.py sets it: the warm-up value written into
+    the optimizer at each warm-up step, torch's CosineAnnealingLR(T_max = epochs - warmup - 1)
+    stepped at the start of every epoch after ``warmup_epochs``."""
+    opt = torch.optim.Adamax([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, float(epochs - warmup_epochs - 1), eta_min=lr_min)
+    warmup_steps, step, lrs = steps_per_epoch * warmup_epochs, 0, []
+    for epoch in range(epochs):
+        if epoch > warmup_epochs:
+            sched.step()
+        for _ in range(steps_per_epoch):
+            if step < warmup_steps:
+                opt.param_groups[0]["lr"] = lr * float(step) / warmup_steps
+            lrs.append(opt.param_groups[0]["lr"])
+            opt.step()  # no gradients: nothing moves, but the scheduler sees a step taken
+            step += 1
+    return lrs
+
+
+@pytest.mark.parametrize("steps_per_epoch,epochs,warmup_epochs", [(10, 8, 2), (3, 5, 1), (1, 6, 0), (7, 4, 3),
+                                                                  (2, 3, 2), (195, 12, 5), (4, 1, 1)])
+def test_official_learning_rate_is_what_the_official_recipe_sets_bit_for_bit(steps_per_epoch, epochs, warmup_epochs):
+    kw = dict(steps_per_epoch=steps_per_epoch, epochs=epochs, warmup_epochs=warmup_epochs, lr=1e-2, lr_min=1e-4)
+    expected = _official_lrs(**kw)
+    assert [learning_rate(s, **kw) for s in range(len(expected))] == expected
+    assert [learning_rate(s, **kw, schedule="official") for s in range(len(expected))] == expected
+
+
+def test_official_learning_rate_after_warmup_is_the_cosine_from_the_last_warmup_value():
+    kw = dict(steps_per_epoch=2, epochs=8, warmup_epochs=2, lr=1e-2, lr_min=1e-4)
+    start = 1e-2 * 3 / 4  # W = 4 warm-up steps: the cosine starts from lr·(W-1)/W
+    span = 8 - 2 - 1
+    for epoch in range(2, 8):
+        cosine = 1e-4 + (start - 1e-4) * 0.5 * (1 + math.cos(math.pi * (epoch - 2) / span))
+        assert learning_rate(2 * epoch, **kw) == pytest.approx(cosine, rel=1e-12)
+        assert learning_rate(2 * epoch + 1, **kw) == learning_rate(2 * epoch, **kw)
+
+
+def test_textbook_learning_rate_warmup_then_cosine_per_epoch():
+    kw = dict(steps_per_epoch=10, epochs=8, warmup_epochs=2, lr=1e-2, lr_min=1e-4, schedule="textbook")
     assert learning_rate(0, **kw) == 0
     assert learning_rate(5, **kw) == pytest.approx(1e-2 * 5 / 20)
     assert learning_rate(20, **kw) == pytest.approx(1e-2)        # first epoch after warm-up
@@ -20,6 +58,8 @@ def test_learning_rate_warmup_then_cosine_per_epoch():
     assert learning_rate(30, **kw) == pytest.approx(1e-4 + (1e-2 - 1e-4) * 0.5 * (1 + math.cos(math.pi / span)))
     assert learning_rate(79, **kw) == pytest.approx(1e-4)        # last epoch
     assert learning_rate(500, **kw) == pytest.approx(1e-4)
+    with pytest.raises(ValueError, match="schedule must be one of official, textbook"):
+        learning_rate(0, 10, 8, 2, 1e-2, 1e-4, schedule="linear")
 
 
 def test_warmup_cosine_scheduler_follows_the_formula_and_resumes():
@@ -31,7 +71,13 @@ def test_warmup_cosine_scheduler_follows_the_formula_and_resumes():
         seen.append(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()
-    assert seen == pytest.approx([learning_rate(s, 3, 5, 1, 0.5, 0.01) for s in range(15)])
+    assert seen == [learning_rate(s, 3, 5, 1, 0.5, 0.01) for s in range(15)] == _official_lrs(3, 5, 1, 0.5, 0.01)
+    textbook = WarmupCosineLR(torch.optim.Adamax([p], lr=0.5), 3, 5, 1, 0.01, schedule="textbook")
+    assert textbook.get_last_lr() == [0.0]
+    for _ in range(3):
+        textbook.optimizer.step()
+        textbook.step()
+    assert textbook.get_last_lr() == [0.5]
     state = sched.state_dict()
     opt2 = torch.optim.Adamax([p], lr=0.5)
     sched2 = WarmupCosineLR(opt2, steps_per_epoch=3, epochs=5, warmup_epochs=1, lr_min=0.01)

@@ -23,7 +23,7 @@ from nvae_fast.config import CHANNEL_MULT
 from nvae_fast.nn.batchnorm import BatchNorm2d, BatchNormSwish
 from nvae_fast.nn.conv import Conv2D
 from nvae_fast.ops.dwconv_stage import KERNEL_SIZES
-from nvae_fast.ops.gen_cell import GenCellParams, GenCellRunningStats, gen_cell
+from nvae_fast.ops.gen_cell import GenCellParams, GenCellRunningStats, GenCellWeights, gen_cell, prepare_weights
 
 BN_EPS = 1e-5
 BN_MOMENTUM = 0.05
@@ -314,6 +314,10 @@ class InvertedResidualCell(Cell):
         if not _DEPTHWISE_MBCONV.fullmatch(op):
             raise ValueError(f"InvertedResidualCell takes one depthwise mconv_e*k*g0 operation, got {op!r}")
         super().__init__(c_in, c_out, cell_type, (op,), use_se)
+        self._weights: GenCellWeights | None = None
+        self._weights_key: tuple | None = None
+        self._skip_weight: Tensor | None = None
+        self._skip_weight_key: tuple | None = None
 
     @property
     def block(self) -> InvertedResidual:
@@ -349,22 +353,55 @@ class InvertedResidualCell(Cell):
         bn0, bn1, bn2, bn3 = blk.bn0, blk.bn1, blk.bn2, blk.bn3
         se = (self.se.se[0].weight, self.se.se[0].bias, self.se.se[2].weight, self.se.se[2].bias) if self.use_se \
             else ()
-        params = GenCellParams(bn0.weight, bn0.bias, blk.conv1.normalized_weight(), bn1.weight, bn1.bias,
-                               blk.conv_dw.normalized_weight(), bn2.weight, bn2.bias, blk.conv2.normalized_weight(),
-                               bn3.weight, bn3.bias, *se)
+        w1, w2 = blk.conv1.normalized_weight(), blk.conv2.normalized_weight()
+        params = GenCellParams(bn0.weight, bn0.bias, w1, bn1.weight, bn1.bias, blk.conv_dw.normalized_weight(),
+                               bn2.weight, bn2.bias, w2, bn3.weight, bn3.bias, *se)
+        # the fused stages also count the training batches (num_batches_tracked), in their kernels
         running = GenCellRunningStats(bn0.running_mean, bn0.running_var, bn1.running_mean, bn1.running_var,
-                                      bn2.running_mean, bn2.running_var, bn3.running_mean, bn3.running_var)
-        if self.training:
-            for bn in (bn0, bn1, bn2, bn3):
-                bn.num_batches_tracked.add_(1)
-        skip = self.skip(x) if blk.upsample else None
+                                      bn2.running_mean, bn2.running_var, bn3.running_mean, bn3.running_var,
+                                      bn0.num_batches_tracked, bn1.num_batches_tracked, bn2.num_batches_tracked,
+                                      bn3.num_batches_tracked)
+        skip = self._upsampled_skip(x) if blk.upsample else None
         if torch.is_autocast_enabled(x.device.type) and x.dtype == torch.float32:
             # The eager cell's convolutions would run in the autocast dtype: so do the fused
             # stages; the residual sum keeps the skip's dtype, as the eager cell's does.
             skip = x if skip is None else skip
             x = x.to(torch.get_autocast_dtype(x.device.type))
         return gen_cell(x, params, running, skip, upsample=blk.upsample, training=self.training,
-                        momentum=bn0.momentum, eps=bn0.eps, process_group=bn0.process_group)
+                        momentum=bn0.momentum, eps=bn0.eps, process_group=bn0.process_group,
+                        weights=self._kernel_weights(w1, w2, x.dtype))
+
+    def _upsampled_skip(self, x: Tensor) -> Tensor:
+        """The up-cell's skip ``conv1x1(bilinear_2x(x)) + bias``, computed as
+        ``bilinear_2x(conv1x1(x) + bias)``: the same values (each output pixel of a bilinear
+        upsampling with aligned corners is a convex combination of input pixels, so it commutes
+        with a per-pixel affine map) for a quarter of the convolution's work and bytes. Without
+        autograd (evaluation, sampling) the normalised weight is kept while its parameters are
+        unchanged, like the fused stages' weights."""
+        upsample, conv = self.skip
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            weight = conv.normalized_weight()
+        else:
+            params = [p for p in (conv.weight, conv.log_weight_norm) if p is not None]
+            key = tuple((p.data_ptr(), p._version, p.dtype) for p in params)
+            if self._skip_weight_key != key:
+                self._skip_weight = conv.normalized_weight()
+                self._skip_weight_key = key
+            weight = self._skip_weight
+        y = F.conv2d(x, weight, conv.bias)
+        return upsample(y).to(y.dtype)
+
+    def _kernel_weights(self, w1: Tensor, w2: Tensor, dtype: torch.dtype) -> GenCellWeights:
+        """The 1x1 convolutions' weights as the fused stages read them (matrices in the activations'
+        dtype), prepared once and kept while the parameters are unchanged: same tensors, same
+        ``_version`` (an optimizer step or a load bumps it), same dtype. In fp32 they are views."""
+        if torch.compiler.is_compiling():
+            return prepare_weights(w1, w2, dtype)
+        key = (dtype, w1.data_ptr(), w1._version, w2.data_ptr(), w2._version)
+        if self._weights_key != key:
+            self._weights = prepare_weights(w1, w2, dtype)
+            self._weights_key = key
+        return self._weights
 
 
 def make_cell(c_in: int, c_out: int, cell_type: str, ops: tuple[str, ...] | list[str], use_se: bool) -> Cell:

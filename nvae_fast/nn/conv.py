@@ -26,6 +26,12 @@ def normalize_weight(weight: Tensor, log_weight_norm: Tensor) -> Tensor:
     return torch.exp(log_weight_norm) * weight / (norm + WEIGHT_NORM_EPS)
 
 
+def initial_weight_norm(weight: Tensor) -> Tensor:
+    """Each output channel's norm (C_out, 1, 1, 1) of ``weight`` (C_out, ...), summed as the
+    official model sums it at initialisation, so that a seed gives its initial weights bit for bit."""
+    return torch.sqrt(torch.sum(weight * weight, dim=(1, 2, 3), keepdim=True))
+
+
 class Conv2D(nn.Conv2d):
     """``nn.Conv2d`` whose weight is reparametrised as direction times ``exp(log_weight_norm)``.
 
@@ -47,7 +53,7 @@ class Conv2D(nn.Conv2d):
         self.weight_norm = weight_norm
         if weight_norm:
             with torch.no_grad():
-                init = torch.linalg.vector_norm(self.weight, dim=(1, 2, 3), keepdim=True)
+                init = initial_weight_norm(self.weight)
             self.log_weight_norm = nn.Parameter(torch.log(init + 1e-2))
         else:
             self.register_parameter("log_weight_norm", None)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nvae_fast.nn.conv import ConvWeightBank, bank_weight, normalize_weight
+from nvae_fast.nn.conv import ConvWeightBank, bank_weight, initial_weight_norm, normalize_weight
 
 FLOW_EXPANSION = 6
 MU_INIT_SCALE = 0.1  # the shift starts small: flows begin close to the identity
@@ -72,7 +72,7 @@ class ARConv2d(nn.Conv2d):
         self.register_buffer("mask", conv_mask(kernel_size, c_in, c_out, groups, zero_diag, mirror),
                              persistent=False)
         with torch.no_grad():
-            init = torch.linalg.vector_norm(self.weight * self.mask, dim=(1, 2, 3), keepdim=True)
+            init = initial_weight_norm(self.weight * self.mask)
         self.log_weight_norm = nn.Parameter(torch.log(init + 1e-2))
         self.bank_slot: tuple[ConvWeightBank, int] | None = None
 

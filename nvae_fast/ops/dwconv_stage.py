@@ -1,8 +1,12 @@
 """The depthwise stage of the fused generative cell: BN1 + Swish prologue, depthwise conv, BN2 stats.
 
-Stage contract (the fused cell, nvae_fast/ops/gen_cell.py, calls it between its two GEMMs; every
-backend implements these two functions with these signatures; tensors are channels-last
-(N, C, H, W), per-channel vectors contiguous fp32 (C,)):
+Two contracts. Every backend implements the first; the fused cell (nvae_fast/ops/gen_cell.py) uses
+the second where a backend has it and composes it from the first (with a few torch ops between)
+where not. Tensors are (N, C, H, W) (kernels may require channels-last; the outputs are), per-channel
+vectors contiguous (C,), statistics and sums fp32 (fp64 for the torch backend's float64).
+
+Plain contract (``dwconv_stage_forward`` / ``dwconv_stage_backward``; triton, cuda, torch)
+-------------------------------------------------------------------------------------------
 
 Forward::
 
@@ -19,10 +23,40 @@ Backward, given dc = dL/dc::
             sum_g = sum g, sum_gxmu = sum g * (a - mean_a)     # fp32 (C,): BN1's backward sums
             dweight (C, 1, k, k) fp32 = sum over N, H, W of dc * shifted b
 
-``b`` is never stored: both passes recompute it from ``a``. The caller turns (g, sum_g, sum_gxmu)
-into dL/da with the BatchNorm backward formula (see nvae_fast/ops/bn_swish.py) in the prologue of
-the next backward stage. ``mean_c, var_c`` feed BN2 (after an all-reduce across ranks when
-training distributed). In eval mode the statistics are not needed; kernels may skip them.
+``b`` is never stored: both passes recompute it from ``a``.
+
+Fused contract (``dwconv_stage_forward_fused`` / ``dwconv_stage_backward_fused``; triton, torch)
+-------------------------------------------------------------------------------------------------
+
+The same stage with everything that would otherwise run as small torch ops between the cell's
+kernels done inside the stage (types: nvae_fast/ops/stage_args.py)::
+
+    dwconv_stage_forward_fused(a, bn1: BatchNormArgs, weight, stride, upsample,
+                               stats: (2, C) fp32 out | None, running: RunningUpdate | None) -> c
+        scale, shift from bn1 (its weight, bias, mean, var, eps), then the forward above;
+        stats[0] = mean_c, stats[1] = var_c (biased), written in place (None in eval: no statistics);
+        running: BN2's running statistics updated in place from (mean_c, var_c) (see RunningUpdate).
+
+    dwconv_stage_backward_fused(dz, z, bn_z: BatchNormArgs, grad_z: BatchNormGrad, a,
+                                bn1: BatchNormArgs, weight, stride, upsample,
+                                sums: (2, C) fp32 out, bn1_grads: ((C,), (C,)) out,
+                                dweight: (C, 1, k, k) out) -> g
+        dc = scale_z * dz + kx_z * (z - mean_z) + kc_z        # BN2's backward applied on the fly:
+                                                              # dz = dL/d(BN2 output), z = c, with
+                                                              # (scale_z, kx_z, kc_z) from bn_z and
+                                                              # grad_z as BatchNormGrad defines them
+        then the backward above with scale, shift from bn1 and mean_a = bn1.mean;
+        sums[0] = sum_g, sums[1] = sum_gxmu (this rank's), written in place;
+        bn1_grads = (sums[1] / sqrt(bn1.var + bn1.eps), sums[0]) in the parameters' dtype;
+        dweight written in its own dtype; g returned as in the plain backward.
+
+So the cell's backward needs a single pass of the GEMM2^T stage before this one (it writes dz and
+BN2's backward sums) and never materialises dc. Outputs must be written completely (they arrive
+uninitialised) and deterministically (no floating-point atomics; merges in a fixed order). A backend
+implements both fused functions or neither; :func:`fused_kernels_for` adapts the plain contract
+otherwise (the adapter launches a few torch ops, so it misses the cell's launch budget). The
+references :func:`dwconv_stage_forward_fused_ref` / :func:`dwconv_stage_backward_fused_ref` define
+the results.
 
 Kernel sizes 3, 5, 7, 11; stride 1 or 2 (stride 2 with ``upsample`` is not a cell of NVAE).
 
@@ -40,6 +74,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from nvae_fast import backend
+from nvae_fast.ops.stage_args import (BatchNormArgs, BatchNormGrad, RunningUpdate, backward_coefs, fold,
+                                      update_running, write_param_grads)
 
 
 def _acc(t: Tensor) -> Tensor:
@@ -87,6 +123,8 @@ def dwconv_stage_backward_ref(dc: Tensor, a: Tensor, scale: Tensor, shift: Tenso
 
 KERNEL_SIZES = (3, 5, 7, 11)
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def _torch_backward(dc: Tensor, a: Tensor, scale: Tensor, shift: Tensor, mean_a: Tensor, weight: Tensor,
                     stride: int = 1, upsample: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The torch backend's backward: the reference's formulas with explicit convolution gradients
@@ -111,6 +149,54 @@ def _torch_backward(dc: Tensor, a: Tensor, scale: Tensor, shift: Tensor, mean_a:
 _TORCH_KERNELS = SimpleNamespace(dwconv_stage_forward=dwconv_stage_forward_ref, dwconv_stage_backward=_torch_backward)
 
 
+# ---------------------------------------------------------------------------------------------
+# The fused contract composed from the plain one (the references, and the adapter for backends
+# that implement only the plain contract)
+# ---------------------------------------------------------------------------------------------
+
+def _forward_fused_via(forward, a: Tensor, bn: BatchNormArgs, weight: Tensor, stride: int, upsample: bool,
+                       stats: Tensor | None, running: RunningUpdate | None) -> Tensor:
+    scale, shift, _ = fold(bn)
+    c, mean, var = forward(a, scale.contiguous(), shift.contiguous(), weight, stride, upsample)
+    if stats is None:
+        return c
+    stats[0].copy_(mean)
+    stats[1].copy_(var)
+    if running is not None:
+        update_running(running, mean, var)
+    return c
+
+
+def _backward_fused_via(backward, dz: Tensor, z: Tensor, bn_z: BatchNormArgs, grad_z: BatchNormGrad, a: Tensor,
+                        bn: BatchNormArgs, weight: Tensor, stride: int, upsample: bool, sums: Tensor,
+                        bn_grads: tuple[Tensor, Tensor], dweight: Tensor) -> Tensor:
+    scale_z, kx, kc = (t.view(1, -1, 1, 1) for t in backward_coefs(bn_z, grad_z))
+    dc = scale_z * dz.to(scale_z.dtype) + kx * (z.to(scale_z.dtype) - bn_z.mean.view(1, -1, 1, 1)) + kc
+    dc = dc.to(a.dtype).contiguous(memory_format=torch.channels_last)
+    scale, shift, _ = fold(bn)
+    g, sum_g, sum_gxmu, dw = backward(dc, a, scale.contiguous(), shift.contiguous(), bn.mean.contiguous(), weight,
+                                      stride, upsample)
+    sums[0].copy_(sum_g)
+    sums[1].copy_(sum_gxmu)
+    write_param_grads(bn, sums, bn_grads)
+    dweight.copy_(dw)
+    return g
+
+
+def dwconv_stage_forward_fused_ref(a: Tensor, bn: BatchNormArgs, weight: Tensor, stride: int, upsample: bool,
+                                   stats: Tensor | None, running: RunningUpdate | None = None) -> Tensor:
+    """Reference of the fused forward (module docstring): c; writes ``stats`` and ``running``."""
+    return _forward_fused_via(dwconv_stage_forward_ref, a, bn, weight, stride, upsample, stats, running)
+
+
+def dwconv_stage_backward_fused_ref(dz: Tensor, z: Tensor, bn_z: BatchNormArgs, grad_z: BatchNormGrad, a: Tensor,
+                                    bn: BatchNormArgs, weight: Tensor, stride: int, upsample: bool, sums: Tensor,
+                                    bn_grads: tuple[Tensor, Tensor], dweight: Tensor) -> Tensor:
+    """Reference of the fused backward (module docstring): g; writes ``sums``, ``bn_grads``, ``dweight``."""
+    return _backward_fused_via(dwconv_stage_backward_ref, dz, z, bn_z, grad_z, a, bn, weight, stride, upsample,
+                               sums, bn_grads, dweight)
+
+
 def kernels_for(a: Tensor) -> ModuleType | SimpleNamespace:
     """The kernel namespace of the backend chosen for a (see nvae_fast.backend); float64 runs on torch."""
     implemented = ("torch",)
@@ -119,6 +205,19 @@ def kernels_for(a: Tensor) -> ModuleType | SimpleNamespace:
         implemented = tuple(n for n in ("triton", "cuda") if backend.has_kernels("dwconv_stage", n)) + implemented
     name = backend.select("dwconv_stage", a.device, implemented)
     return _TORCH_KERNELS if name == "torch" else backend.kernels("dwconv_stage", name)
+
+
+def fused_kernels_for(a: Tensor) -> SimpleNamespace:
+    """``dwconv_stage_forward_fused`` / ``dwconv_stage_backward_fused`` of the backend chosen for a:
+    its own kernels where it has them, else its plain contract composed with torch ops."""
+    kernels = kernels_for(a)
+    if hasattr(kernels, "dwconv_stage_forward_fused"):
+        return SimpleNamespace(dwconv_stage_forward_fused=kernels.dwconv_stage_forward_fused,
+                               dwconv_stage_backward_fused=kernels.dwconv_stage_backward_fused)
+    forward, backward = kernels.dwconv_stage_forward, kernels.dwconv_stage_backward
+    return SimpleNamespace(
+        dwconv_stage_forward_fused=lambda *args: _forward_fused_via(forward, *args),
+        dwconv_stage_backward_fused=lambda *args: _backward_fused_via(backward, *args))
 
 
 def output_size(H: int, W: int, k: int, stride: int, upsample: bool) -> tuple[int, int]:

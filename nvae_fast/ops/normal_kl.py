@@ -529,8 +529,8 @@ def normal_sample(mu: Tensor | None, log_sigma: Tensor | None, eps: Tensor, temp
     standard prior (``mu = log_sigma = None``), else mu's. All tensors (N, C, H, W); eps gets no
     gradient."""
     _check_group("eps", eps, mu, log_sigma)
-    if not temperature > 0:
-        raise ValueError(f"temperature must be positive, got {temperature}")
+    if not 0 <= temperature < float("inf"):
+        raise ValueError(f"temperature must be a finite number >= 0 (0: the prior mean), got {temperature}")
     return torch.ops.nvae_fast.normal_sample(mu, log_sigma, eps, float(temperature))
 
 

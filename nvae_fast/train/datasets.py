@@ -14,6 +14,9 @@ Formats (``--data_format``):
 * ``lmdb``: the official layout, ``train.lmdb`` and ``validation.lmdb`` whose keys are
   ``b"0"``, ``b"1"``, ... and whose values are encoded images (PNG/JPEG) or raw RGB bytes of a
   square image; centre-cropped and resized like ``folder`` (CelebA 64 gets the official crop).
+* ``stacked_mnist``, ``omniglot``, ``lsun``: the official stacked MNIST (made from MNIST's IDX
+  files), OMNIGLOT (``chardata.mat``) and LSUN (``<category>_train_lmdb``/``_val_lmdb``)
+  datasets with the official pre-processing; see ``nvae_fast.train.official_data``.
 
 Models with a Bernoulli output (the official MNIST model) get every format dynamically binarised
 (``binarize``). Every dataset yields float32 tensors (C, H, W) in [0, 1]. Random transforms draw from a
@@ -39,9 +42,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from nvae_fast.train import official_data
 from nvae_fast.train.errors import InputError, MissingPathError
 
-FORMATS = ("digits", "idx", "cifar", "folder", "lmdb")
+FORMATS = ("digits", "idx", "cifar", "folder", "lmdb", "stacked_mnist", "omniglot", "lsun")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 # CelebA 64: the official crop box (left, upper, right, lower) of the 178x218 aligned faces.
 _CELEBA64_BOX = (15, 40, 178 - 15, 218 - 30)
@@ -52,11 +56,15 @@ _DIGITS_TEST = 300
 class Augment:
     """Per-sample pre-processing of a raw uint8 image.
 
-    pad: zero padding on each side (MNIST: 28 -> 32). flip: random horizontal flip (training).
-    binarize: replace each pixel p in [0, 1] by a Bernoulli(p) draw (dynamic binarisation).
+    pad: zero padding on each side (MNIST: 28 -> 32). crop: cut a crop x crop square, at a random
+    place if random_crop (training) else at the centre (LSUN). flip: random horizontal flip
+    (training). binarize: replace each pixel p in [0, 1] by a Bernoulli(p) draw (dynamic
+    binarisation).
     """
 
     pad: int = 0
+    crop: int = 0
+    random_crop: bool = False
     flip: bool = False
     binarize: bool = False
 
@@ -93,8 +101,13 @@ class ImageDataset(Dataset):
         aug = self.augment
         if aug.pad:
             x = F.pad(x, (aug.pad,) * 4)
-        if aug.flip or aug.binarize:
+        if aug.crop and not aug.random_crop:
+            x = _crop(x, aug.crop, round((x.shape[-2] - aug.crop) / 2), round((x.shape[-1] - aug.crop) / 2))
+        if aug.flip or aug.binarize or aug.random_crop:
             g = sample_generator(self.seed, epoch, index)
+            if aug.random_crop:
+                top, left = (int(torch.randint(n - aug.crop + 1, (), generator=g)) for n in x.shape[-2:])
+                x = _crop(x, aug.crop, top, left)
             if aug.flip and torch.rand((), generator=g) < 0.5:
                 x = x.flip(-1)
             if aug.binarize:
@@ -104,6 +117,12 @@ class ImageDataset(Dataset):
     def image_shape(self) -> tuple[int, int, int]:
         """(C, H, W) of the samples this dataset yields."""
         return tuple(self[0].shape)
+
+
+def _crop(x: Tensor, size: int, top: int, left: int) -> Tensor:
+    if min(x.shape[-2:]) < size:
+        raise InputError(f"cannot crop {size}x{size} from an image of {tuple(x.shape[-2:])} pixels")
+    return x[..., top:top + size, left:left + size]
 
 
 def _tensor_reader(images: Tensor) -> Callable[[int], Tensor]:
@@ -353,6 +372,10 @@ def detect_format(dataset: str, data: str | os.PathLike | None) -> str:
         return "idx"
     if dataset == "cifar10":
         return "cifar"
+    if dataset in ("stacked_mnist", "omniglot"):
+        return dataset
+    if dataset.startswith("lsun_"):
+        return "lsun"
     if data is None:
         raise InputError(f"dataset {dataset!r} needs --data (a directory)")
     root = Path(data)
@@ -390,7 +413,8 @@ def build_datasets(fmt: str, data: str | os.PathLike | None, *, image_size: int,
             raise InputError(f"data format {fmt!r} needs --data (a path)")
         if not Path(data).exists():
             raise MissingPathError(f"{data}: data path does not exist")
-    pad, flip = 0, fmt not in ("digits", "idx")  # no flips for digits: a mirrored 2 is no digit
+    # no flips for digits and characters: a mirrored 2 is no digit
+    pad, flip = 0, fmt not in ("digits", "idx", "stacked_mnist", "omniglot")
     if fmt == "digits":
         train, test = load_digits_images()
         max_value = 16
@@ -401,11 +425,27 @@ def build_datasets(fmt: str, data: str | os.PathLike | None, *, image_size: int,
     elif fmt == "cifar":
         train, test = load_cifar10_images(data)
         max_value = 255
-    train_aug = Augment(pad=pad, flip=flip, binarize=binarize)
-    test_aug = Augment(pad=pad, binarize=binarize)
-    if fmt in ("digits", "idx", "cifar"):
+    elif fmt == "omniglot":
+        train, test = official_data.load_omniglot_images(data)
+        max_value, pad = 255, 2
+    elif fmt == "stacked_mnist":
+        pad = 2
+    crop = image_size if fmt == "lsun" else 0
+    train_aug = Augment(pad=pad, crop=crop, random_crop=bool(crop), flip=flip, binarize=binarize)
+    test_aug = Augment(pad=pad, crop=crop, binarize=binarize)
+    if fmt in ("digits", "idx", "cifar", "omniglot"):
         datasets = (ImageDataset(_tensor_reader(train), len(train), max_value, train_aug, seed),
                     ImageDataset(_tensor_reader(test), len(test), max_value, test_aug, seed + 1))
+    elif fmt == "stacked_mnist":
+        readers = [official_data.StackedMNISTReader(digits, official_data.STACKED_MNIST_SEEDS[split])
+                   for digits, split in zip(load_mnist_images(data), ("train", "test"))]
+        datasets = (ImageDataset(readers[0], len(readers[0]), 255, train_aug, seed),
+                    ImageDataset(readers[1], len(readers[1]), 255, test_aug, seed + 1))
+    elif fmt == "lsun":
+        readers = [official_data.LSUNReader(path, image_size, channels)
+                   for path in official_data.lsun_split_paths(data, dataset)]
+        datasets = (ImageDataset(readers[0], len(readers[0]), 255, train_aug, seed),
+                    ImageDataset(readers[1], len(readers[1]), 255, test_aug, seed + 1))
     else:
         if fmt == "folder":
             paths = folder_splits(data)

@@ -15,3 +15,7 @@ class MissingPathError(InputError, FileNotFoundError):
 
 class TrainingDiverged(RuntimeError):
     """Too many consecutive steps had a NaN/Inf loss or gradient."""
+
+
+class NonFiniteSamples(RuntimeError):
+    """Sampled images (or the BatchNorm statistics re-estimated on samples) hold NaN/Inf values."""

@@ -1,7 +1,7 @@
 """Data loaders: epoch-keyed sharded sampling, pinned-memory workers, num_x_bits quantisation.
 
 The sampler is ``torch.utils.data.DistributedSampler`` (one replica without torch.distributed):
-the order of epoch e depends only on (seed, e), rank r takes every world-th index, and batch k
+the order of an epoch depends only on (seed, its key), rank r takes every world-th index, and batch k
 of all ranks together is the same set of images as batch k of one process with world times the
 batch size. It yields ``(epoch, index)`` keys so that the datasets' random transforms are keyed
 by epoch too, and it can start part-way into an epoch, which is how ``--resume`` continues
@@ -45,10 +45,12 @@ class EpochSampler(Sampler[tuple[int, int]]):
         # dataset's end are padding.
         self.own = min(len(self.inner), len(range(rank, len(dataset), world_size)))
 
-    def set_position(self, epoch: int, start: int = 0) -> None:
-        """Next iteration covers ``epoch`` from this rank's ``start``-th sample on."""
+    def set_position(self, epoch: int, start: int = 0, order: int | None = None) -> None:
+        """Next iteration covers ``epoch`` from this rank's ``start``-th sample on, in the
+        shuffled order of key ``order`` (default ``epoch``; the training loop passes the global
+        step at the epoch's start, as the official train.py keys its sampler)."""
         self.epoch, self.start = epoch, start
-        self.inner.set_epoch(epoch)
+        self.inner.set_epoch(epoch if order is None else order)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         for i, index in enumerate(self.inner):

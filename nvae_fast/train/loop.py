@@ -8,6 +8,7 @@ steps), ``log.txt``, TensorBoard event files, ``final_eval.json``, ``samples.png
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -26,7 +27,7 @@ from nvae_fast.train.loaders import make_loader
 from nvae_fast.train.monitor import Monitor
 from nvae_fast.train.recipe import TrainConfig
 from nvae_fast.train.runtime import Runtime, all_reduce_mean, gather_objects
-from nvae_fast.train.sample import decoded_images, generate, write_samples
+from nvae_fast.train.sample import decoded_images, generate, nonfinite_message, write_samples
 from nvae_fast.train.trainer import StepStats, Trainer
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -119,24 +120,64 @@ class _EpochLosses:
         return dict(zip(self.steps, values[:n])), sum(good) / max(len(good), 1)
 
 
-def _log_images(monitor: Monitor, trainer: Trainer, x: torch.Tensor, cfg: TrainConfig, step: int) -> None:
-    model = trainer.eval_model
-    model.eval()
-    with torch.no_grad(), torch.random.fork_rng(devices=[trainer.rt.device] if trainer.rt.device.type == "cuda"
-                                                else []):
+GRID_TEMPERATURES = (0.7, 0.8, 0.9, 1.0)  # the official train.py's sample grids after an epoch
+
+
+def _forked_rng(trainer: Trainer, isolate: bool = True):
+    """A copy of the random state for work that must not change the training's random stream
+    (a no-op context when ``isolate`` is False)."""
+    if not isolate:
+        return contextlib.nullcontext()
+    return torch.random.fork_rng(devices=[trainer.rt.device] if trainer.rt.device.type == "cuda" else [])
+
+
+def _draw_loader_seed() -> None:
+    # The official DataLoader draws its workers' base seed (one int64) from the global generator
+    # each time an epoch's iterator is made; nvae_fast's loaders use a generator of their own, so
+    # the draw is made here to keep the official random stream.
+    torch.empty((), dtype=torch.int64).random_()
+
+
+OFFICIAL_RECONSTRUCTION_EVERY = 1000
+
+
+def _draw_reconstruction_noise(trainer: Trainer, batch_size: int) -> None:
+    # Every 1000 steps the official train.py samples the step's output distribution for a
+    # TensorBoard reconstruction (a Bernoulli output shows its mean: nothing drawn). nvae_fast logs
+    # reconstructions at evaluations instead; it draws the same numbers here, from an output
+    # distribution of the same shape, so that the random stream stays the official one.
+    c = trainer.model.config
+    if c.output_distribution == "bernoulli":
+        return
+    logits = torch.zeros(batch_size, c.output_channels, c.image_size, c.image_size, device=trainer.rt.device)
+    trainer.model.decoder_output(logits).sample()
+
+
+def _sample_grids(monitor: Monitor, trainer: Trainer, step: int) -> None:
+    """16 prior samples at each of ``GRID_TEMPERATURES``, decoded at that temperature (on every
+    rank, as the official code, so that every rank consumes the same random numbers)."""
+    model = trainer.eval_model.eval()
+    for t in GRID_TEMPERATURES:
+        monitor.image(f"generated_{t:.1f}", tile(generate(model, 16, t, amp=trainer.dtype), 4), step)
+
+
+def _log_reconstructions(monitor: Monitor, trainer: Trainer, x: torch.Tensor, step: int) -> None:
+    model = trainer.eval_model.eval()
+    with torch.no_grad(), _forked_rng(trainer):
         n = min(len(x), 16)
         x = x[:n].to(trainer.rt.device)
         logits = model(x)[0]
         recon = decoded_images(model.decoder_output(logits.float())).float()
         monitor.image("reconstruction", torch.cat([tile(x.float().cpu(), 4), tile(recon.cpu(), 4)], dim=2), step)
-        for t in (0.7, 1.0):
-            monitor.image(f"generated_{t:.1f}", tile(generate(model, 16, t, amp=trainer.dtype)), step)
 
 
-def _evaluate(trainer: Trainer, loader, monitor: Monitor, num_iw_samples: int, desc: str) -> EvalResult:
-    # Evaluation draws its own noise: how often a run evaluates never changes its training.
-    devices = [trainer.rt.device] if trainer.rt.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
+def _evaluate(trainer: Trainer, loader, monitor: Monitor, num_iw_samples: int, desc: str,
+              isolate: bool = True) -> EvalResult:
+    """The test NELBO and log-likelihood; with ``isolate`` from a copy of the random state (the
+    training's random stream is left as it was), else from the training's stream as the
+    official periodic validation."""
+    with _forked_rng(trainer, isolate):
+        _draw_loader_seed()
         return evaluate(trainer.eval_model, loader, trainer.rt, num_iw_samples, trainer.dtype, monitor, desc)
 
 
@@ -167,13 +208,14 @@ def run_training(model_cfg, cfg: TrainConfig, run_dir: str | Path, rt: Runtime, 
         state = None
         if resume:
             state = ckpt_io.load_checkpoint(run_dir / CHECKPOINT_NAME)
+        # The official random stream: every generator seeded before the data and the model are
+        # made (the same seed on every rank), the model's initialisation drawn first.
         torch.manual_seed(cfg.seed)
-        model = _build_model(model_cfg)
+        np.random.seed(cfg.seed)
         fmt, train_loader, test_loader = _loaders(model_cfg, cfg, rt)
+        model = _build_model(model_cfg)
         steps_per_epoch = len(train_loader)
         trainer = Trainer(model, cfg, rt, steps_per_epoch, compile=compile, cuda_graphs=cuda_graphs)
-        # Same initial weights on every rank (above); from here on each rank draws its own noise.
-        torch.manual_seed(int(np.random.SeedSequence([cfg.seed, rt.rank, 1]).generate_state(1)[0]))
         n_params = sum(p.numel() for p in model.parameters())
         monitor.info(f"run directory {run_dir}; {rt.world_size} process(es) on {rt.device}; "
                      f"data {fmt} ({len(train_loader.dataset)} train / {len(test_loader.dataset)} test images); "
@@ -194,13 +236,19 @@ def run_training(model_cfg, cfg: TrainConfig, run_dir: str | Path, rt: Runtime, 
         while trainer.step < trainer.total_steps and not stopped:
             trainer.begin_epoch()
             epoch = trainer.epoch
-            train_loader.sampler.set_position(epoch, trainer.epoch_step * cfg.batch_size)
+            # The official order of an epoch's images: keyed by the global step at its start.
+            train_loader.sampler.set_position(epoch, trainer.epoch_step * cfg.batch_size,
+                                              order=epoch * steps_per_epoch)
+            if trainer.epoch_step == 0:
+                _draw_loader_seed()
             started, epoch_losses = time.time(), _EpochLosses(rt)
             x = None
             bar = monitor.progress(train_loader, total=len(train_loader), desc=f"epoch {epoch + 1}/{cfg.epochs}")
             for x in bar:
                 # Only log steps read values from the device; the others leave the GPU's queue full.
                 stats = trainer.train_step(x)
+                if trainer.step % OFFICIAL_RECONSTRUCTION_EVERY == 0 and not cfg.isolate_eval_rng:
+                    _draw_reconstruction_noise(trainer, len(x))
                 epoch_losses.add(trainer.step - 1, stats)
                 if stats.logged is not None:
                     _log_step(monitor, trainer, stats)
@@ -222,11 +270,19 @@ def run_training(model_cfg, cfg: TrainConfig, run_dir: str | Path, rt: Runtime, 
             if epoch_done:
                 monitor.scalars({"train/nelbo": train_loss}, trainer.step)
                 if _should_evaluate(epoch, cfg):
-                    valid = _evaluate(trainer, test_loader, monitor, 1, "eval")
-                    line += f"  test NELBO {valid.nelbo:.3f} ({valid.bpd_elbo:.4f} bits/dim)"
-                    monitor.scalars({"val/nelbo": valid.nelbo, "val/bpd_elbo": valid.bpd_elbo}, trainer.step)
+                    # As the official train.py: sample grids, then the validation, both drawing from
+                    # the training's random stream unless --isolate_eval_rng.
+                    with torch.no_grad(), _forked_rng(trainer, cfg.isolate_eval_rng):
+                        _sample_grids(monitor, trainer, trainer.step)
+                    valid = _evaluate(trainer, test_loader, monitor, cfg.eval_iw_samples, "eval",
+                                      isolate=cfg.isolate_eval_rng)
+                    line += (f"  test NELBO {valid.nelbo:.3f} ({valid.bpd_elbo:.4f} bits/dim), -log p(x) "
+                             f"{valid.neg_log_p:.3f} ({valid.bpd_log_p:.4f} bits/dim)")
+                    monitor.scalars({"val/nelbo": valid.nelbo, "val/bpd_elbo": valid.bpd_elbo,
+                                     "val/neg_log_p": valid.neg_log_p, "val/bpd_log_p": valid.bpd_log_p},
+                                    trainer.step)
                     if rt.is_main and x is not None:
-                        _log_images(monitor, trainer, x, cfg, trainer.step)
+                        _log_reconstructions(monitor, trainer, x, trainer.step)
             monitor.info(line)
             _save(trainer, model_cfg, cfg, run_dir, rt)
 
@@ -246,10 +302,15 @@ def run_training(model_cfg, cfg: TrainConfig, run_dir: str | Path, rt: Runtime, 
                 report["untrained"] = result.untrained.as_dict()
             (run_dir / "final_eval.json").write_text(json.dumps(report, indent=2) + "\n")
             with torch.random.fork_rng(devices=[rt.device] if rt.device.type == "cuda" else []):
-                images = generate(trainer.eval_model.eval(), cfg.num_samples, cfg.temp, amp=trainer.dtype)
-            scale = max(1, 256 // (math.ceil(math.sqrt(cfg.num_samples)) * model_cfg.image_size))
-            paths = write_samples(images, run_dir, scale=scale)
-            monitor.info(f"samples (t={cfg.temp}): {paths[0]} and {paths[1]}")
+                images = generate(trainer.eval_model.eval(), cfg.num_samples, cfg.temp, amp=trainer.dtype,
+                                  decoder_temp=1.0)
+            if len(images) < cfg.num_samples:
+                monitor.info(f"warning: {nonfinite_message(cfg.num_samples - len(images), cfg.num_samples, cfg.temp)}"
+                             "; they are left out of samples.png/npz")
+            if len(images):
+                scale = max(1, 256 // (math.ceil(math.sqrt(cfg.num_samples)) * model_cfg.image_size))
+                paths = write_samples(images, run_dir, scale=scale)
+                monitor.info(f"samples (t={cfg.temp}): {paths[0]} and {paths[1]}")
             _export(trainer, model_cfg, cfg, run_dir, monitor, export_official, export_safetensors)
         result.finished = True
         return result
@@ -264,7 +325,9 @@ def _export(trainer: Trainer, model_cfg, cfg: TrainConfig, run_dir: Path, monito
     model = trainer.eval_model
     if official:
         path = export_official(model, run_dir / "checkpoint_official.pt", cfg, epoch=trainer.epoch + 1,
-                               global_step=trainer.step)
+                               global_step=trainer.step, steps_per_epoch=trainer.steps_per_epoch,
+                               optimizer_state=trainer.optimizer.state_dict(),
+                               scaler_state=trainer.scaler.state_dict(), run_dir=run_dir)
         monitor.info(f"official checkpoint: {path}")
     if safetensors:
         path = export_safetensors(model, run_dir / "model.safetensors", run_config(model_cfg, cfg))

@@ -14,7 +14,7 @@ from typing import Any
 
 from nvae_fast.train.datasets import FORMATS
 from nvae_fast.train.errors import InputError
-from nvae_fast.train.recipe import AMP_MODES, TrainConfig, train_preset
+from nvae_fast.train.recipe import AMP_MODES, KL_BALANCE_SCOPES, LR_SCHEDULES, TrainConfig, train_preset
 
 _S = argparse.SUPPRESS
 
@@ -62,19 +62,27 @@ _TRAIN_FLAGS: list[tuple[str, Any, str]] = [
     ("kl_const_coeff", float, "the minimal KL coefficient"),
     ("seed", int, "random seed"),
     ("data_format", str, f"data format: auto or one of {', '.join(FORMATS)}"),
-    ("amp", str, f"mixed precision: {', '.join(AMP_MODES)}"),
+    ("amp", str, f"mixed precision: {', '.join(AMP_MODES)} (the official recipe: fp16)"),
+    ("lr_schedule", str, f"learning-rate schedule: {', '.join(LR_SCHEDULES)} (official: the official train.py's "
+                         "values, whose cosine starts from the last warm-up value; textbook: from the peak)"),
+    ("kl_balance_scope", str, f"KL-balancing statistics over: {', '.join(KL_BALANCE_SCOPES)} (global: the batches "
+                              "of all ranks, default; rank: each rank's own, as the official code)"),
     ("ema_decay", float, "keep an exponential moving average of the weights with this decay for "
                          "evaluation and sampling (0: off)"),
     ("max_bad_steps", int, "stop after this many consecutive NaN/Inf steps"),
     ("num_workers", int, "data-loader workers per process"),
     ("log_every", int, "steps between TensorBoard scalars"),
     ("eval_every", int, "epochs between test evaluations (0: every epoch up to 50 epochs, else every 20)"),
+    ("eval_iw_samples", int, "importance samples of those evaluations (default 10, as the official code)"),
     ("checkpoint_every", int, "steps between mid-epoch checkpoints (0: at epoch ends only)"),
     ("num_iw_samples", int, "importance samples of the final test log-likelihood"),
     ("num_samples", int, "images in the final samples.png / samples.npz"),
     ("temp", float, "temperature of the final samples"),
 ]
 _TRAIN_SWITCHES = [("weight_decay_norm_anneal", "anneal λ log-linearly from --weight_decay_norm_init"),
+                   ("isolate_eval_rng", "evaluations, sample grids and logged images during training draw from a "
+                                        "copy of the random state, so that they never change the training "
+                                        "(official: they draw from its random stream)"),
                    ("eval_untrained", "evaluate the test NELBO before training, as a baseline")]
 
 # Official flags about launching processes (see official_launch); local_rank and global_rank are

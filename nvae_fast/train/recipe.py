@@ -12,7 +12,10 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from nvae_fast.train.schedules import LR_SCHEDULES
+
 AMP_MODES = ("auto", "bf16", "fp16", "off")
+KL_BALANCE_SCOPES = ("global", "rank")
 
 
 @dataclass(frozen=True)
@@ -33,12 +36,23 @@ class TrainConfig:
         max_bad_steps: stop after this many consecutive steps with a NaN/Inf loss or gradient.
         num_workers: data-loader worker processes per rank.
         log_every: steps between TensorBoard scalars.
+        lr_schedule: 'official' (the learning rates the official train.py produces, see
+            ``nvae_fast.train.schedules.learning_rate``) or 'textbook' (the cosine from the peak
+            learning rate).
+        kl_balance_scope: 'global' (the KL-balancing weights use the mean over the batches of all
+            ranks, so N ranks compute what one process computes on the joined batch) or 'rank'
+            (each rank uses its own batch, as the official code).
         eval_every: epochs between test-set evaluations (0: the official rule, every epoch up to
             50 epochs, else every 20) - the last epoch is always evaluated.
+        eval_iw_samples: importance samples of those periodic evaluations (official: 10).
+        isolate_eval_rng: periodic evaluations, sample grids and logged images draw from a copy
+            of the random state, so how often a run evaluates or logs never changes its training
+            (official: they draw from the training's random stream).
         checkpoint_every: steps between mid-epoch checkpoints (0: only at epoch ends).
         num_iw_samples: importance samples of the final test log-likelihood.
         eval_untrained: evaluate the test NELBO before training, as a baseline.
-        num_samples, temp: the final sample grid (samples.png, samples.npz).
+        num_samples, temp: the final sample grid (samples.png, samples.npz); temp 0 decodes the
+            prior means.
     """
 
     data: str | None = None
@@ -62,6 +76,10 @@ class TrainConfig:
     num_workers: int = 2
     log_every: int = 100
     eval_every: int = 0
+    eval_iw_samples: int = 10
+    isolate_eval_rng: bool = False
+    lr_schedule: str = "official"
+    kl_balance_scope: str = "global"
     checkpoint_every: int = 0
     num_iw_samples: int = 1000
     eval_untrained: bool = False
@@ -69,7 +87,8 @@ class TrainConfig:
     temp: float = 0.7
 
     def __post_init__(self) -> None:
-        positive = ("batch_size", "epochs", "max_bad_steps", "log_every", "num_iw_samples", "num_samples")
+        positive = ("batch_size", "epochs", "max_bad_steps", "log_every", "num_iw_samples", "eval_iw_samples",
+                "num_samples")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -84,8 +103,13 @@ class TrainConfig:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.amp not in AMP_MODES:
             raise ValueError(f"amp must be one of {', '.join(AMP_MODES)}, got {self.amp!r}")
-        if self.temp <= 0:
-            raise ValueError(f"temp must be > 0, got {self.temp}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        if self.kl_balance_scope not in KL_BALANCE_SCOPES:
+            raise ValueError(f"kl_balance_scope must be one of {', '.join(KL_BALANCE_SCOPES)}, "
+                             f"got {self.kl_balance_scope!r}")
+        if not 0 <= self.temp < float("inf"):
+            raise ValueError(f"temp must be >= 0 (0: the prior means), got {self.temp}")
         if self.weight_decay_norm_anneal and (self.weight_decay_norm <= 0 or self.weight_decay_norm_init <= 0):
             raise ValueError("weight_decay_norm_anneal needs weight_decay_norm > 0 and weight_decay_norm_init > 0")
 
@@ -105,6 +129,9 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
                        weight_decay_norm_init=1.0),
     "ffhq": dict(batch_size=4, epochs=200, weight_decay_norm=1e-1, weight_decay_norm_anneal=True,
                  weight_decay_norm_init=1.0, learning_rate=8e-3),
+    # LSUN Church 64 (NVlabs/VAEBM's NVAE command, 8 GPUs) and OMNIGLOT (NVlabs/LSGM's NVAE stage, 2 GPUs).
+    "lsun_church_64": dict(batch_size=32, epochs=60, warmup_epochs=1, weight_decay_norm=1e-1),
+    "omniglot": dict(batch_size=64, epochs=200, weight_decay_norm=1e-2, kl_anneal_portion=1.0),
     # The embedded demo: sized to train, evaluate and sample in a few minutes on 2 CPU cores
     # (23 steps of 64 images per epoch; the digits live in memory, so no loader workers).
     "digits": dict(batch_size=64, epochs=40, warmup_epochs=2, weight_decay_norm=1e-2, num_workers=0, log_every=23,

@@ -207,7 +207,7 @@ class Trainer:
         lr = torch.tensor(cfg.learning_rate, device=rt.device) if cuda_graphs else cfg.learning_rate
         self.optimizer = GuardedAdamax(self.model.parameters(), lr=lr, weight_decay=cfg.weight_decay, eps=1e-3)
         self.scheduler = WarmupCosineLR(self.optimizer, steps_per_epoch, cfg.epochs, cfg.warmup_epochs,
-                                        cfg.learning_rate_min)
+                                        cfg.learning_rate_min, schedule=cfg.lr_schedule)
         # The official recipe's fp16 scaler starts at 2**10.
         self.scaler = torch.amp.GradScaler(rt.device.type, init_scale=2.0 ** 10,
                                            enabled=self.dtype == torch.float16)
@@ -219,10 +219,8 @@ class Trainer:
         self._losses: Callable = torch.compile(self._forward_losses) if compile else self._forward_losses
         self._coeffs = torch.zeros(2, device=rt.device)   # KL and λ coefficients, for compiled/captured steps
         self._graph: _CapturedStep | None = None
-        # The spectral regulariser's power-iteration vectors start from random ones on the first
-        # call: make that call now, while every rank still draws the same numbers.
-        with torch.no_grad():
-            self.model.spectral_norm_parallel()
+        # Nothing here draws random numbers: the spectral regulariser's start vectors are drawn by
+        # its first call, in step 0 after the forward's noise, as in the official train.py.
         self.last_lr = cfg.learning_rate
         self.last_kl_coeff = 0.0
         self.step = 0          # global step: optimizer steps attempted (skipped ones included)
@@ -255,7 +253,7 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]
         if isinstance(lr, Tensor):   # the schedule's value, without reading the tensor
             lr = learning_rate(self.step, self.steps_per_epoch, cfg.epochs, cfg.warmup_epochs, cfg.learning_rate,
-                               cfg.learning_rate_min)
+                               cfg.learning_rate_min, cfg.lr_schedule)
         self.last_lr, self.last_kl_coeff = lr, kl_coeff
         if self.compile or self.cuda_graphs:
             # Device tensors, so that the schedules' values neither recompile nor recapture the step.
@@ -289,8 +287,9 @@ class Trainer:
         with autocast(self.rt.device, self.dtype):
             logits, log_q, log_p, kl_all, kl_diag = self.net(x, deterministic=deterministic)
             recon = reconstruction_loss(model.decoder_output(logits), x, model.config.crop_output)
+            global_balance = self.rt.distributed and self.cfg.kl_balance_scope == "global"
             kl, kl_weights, kl_per_group = balanced_kl(kl_all, kl_coeff, self.alphas,
-                                                       self._mean_over_batch if self.rt.distributed else None)
+                                                       self._mean_over_batch if global_balance else None)
             nelbo = (recon + kl).mean()
             norm_loss = model.spectral_norm_parallel()
             bn_loss = model.batchnorm_loss()

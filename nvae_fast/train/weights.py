@@ -98,19 +98,42 @@ def _load_safetensors(path: Path) -> tuple[nn.Module, dict[str, Any]]:
     return model.eval(), {"kind": "safetensors", "train": config.get("train", {}), "ema": False}
 
 
-def export_official(model: nn.Module, path: str | os.PathLike, train_config, *, epoch: int,
-                    global_step: int) -> Path:
-    """Writes ``model`` in the official checkpoint format (the official ``evaluate.py`` and
-    ``NVAE.load_official_checkpoint`` read it); ``args`` also carries the official training
-    options of ``train_config``."""
-    from nvae_fast.compat.official import save_official_checkpoint
+def export_official(model: nn.Module, path: str | os.PathLike, train_config, *, epoch: int, global_step: int,
+                    steps_per_epoch: int, optimizer_state: dict | None = None, scaler_state: dict | None = None,
+                    run_dir: str | os.PathLike | None = None) -> Path:
+    """Writes ``model`` as the official ``train.py`` writes its checkpoint after ``epoch`` epochs
+    (``global_step`` steps of ``steps_per_epoch``), for the official ``evaluate.py`` and
+    ``train.py --cont_training``.
+
+    ``args`` is complete (every official option, ``distributed``, ``save``, ``num_total_iter``),
+    with the official training options of ``train_config``. ``optimizer_state`` (the run's Adamax
+    state_dict, parameters in ``model.parameters()`` order) gets the learning rate of the last step
+    taken, beside the official scheduler's state after ``epoch`` epochs; ``scaler_state`` is the
+    fp16 gradient scaler's (the official initial one when empty or not given). The write is atomic.
+    """
+    from nvae_fast.compat.official import OFFICIAL_GRAD_SCALER_STATE, save_official_checkpoint
+    from nvae_fast.train.schedules import learning_rate, official_scheduler_state
 
     official_train = ("batch_size", "learning_rate", "learning_rate_min", "weight_decay", "weight_decay_norm",
                       "weight_decay_norm_init", "weight_decay_norm_anneal", "epochs", "warmup_epochs",
                       "kl_anneal_portion", "kl_const_portion", "kl_const_coeff", "seed", "data")
-    extra = {k: v for k, v in dataclasses.asdict(train_config).items() if k in official_train}
+    cfg = train_config
+    extra = {k: v for k, v in dataclasses.asdict(cfg).items() if k in official_train}
+    extra["num_total_iter"] = steps_per_epoch * cfg.epochs
+    if run_dir is not None:
+        extra.update(root=str(Path(run_dir).parent), save=str(run_dir))
+    scheduler, _ = official_scheduler_state(steps_per_epoch, cfg.epochs, cfg.warmup_epochs, cfg.learning_rate,
+                                            cfg.learning_rate_min, epoch)
+    if optimizer_state is not None:
+        lr = learning_rate(max(global_step - 1, 0), steps_per_epoch, cfg.epochs, cfg.warmup_epochs,
+                           cfg.learning_rate, cfg.learning_rate_min, cfg.lr_schedule)
+        for group in optimizer_state["param_groups"]:
+            group["lr"] = lr
+            group["initial_lr"] = cfg.learning_rate
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    save_official_checkpoint(model, tmp, epoch=epoch, global_step=global_step, extra_args=extra)
+    save_official_checkpoint(model, tmp, epoch=epoch, global_step=global_step, optimizer=optimizer_state,
+                             scheduler=scheduler, grad_scalar=scaler_state or dict(OFFICIAL_GRAD_SCALER_STATE),
+                             extra_args=extra)
     os.replace(tmp, path)
     return path

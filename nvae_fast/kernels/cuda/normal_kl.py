@@ -132,8 +132,8 @@ def normal_kl_backward(grad_z: Tensor | None, grad_kl_all: Tensor | None, grad_l
 
 def _check_temperature(temperature: float) -> float:
     t = float(temperature)
-    if not (t > 0 and math.isfinite(t)):
-        raise ValueError(f"temperature must be positive and finite, got {temperature}")
+    if not (t >= 0 and math.isfinite(t)):
+        raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
     return t
 
 
