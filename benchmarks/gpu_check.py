@@ -66,6 +66,8 @@ MEMCHECK_TESTS = (
     "tests/test_cuda_dwconv_stage.py::test_matches_reference[cuda-k7-s1-3x3x5x7-float32]",
     "tests/test_cuda_dwconv_stage.py::test_matches_reference[cuda-k11-s1-3x20x17x40-float32]",
     "tests/test_cuda_dwconv_stage.py::test_all_dtypes_vector_and_scalar_channels[cuda-1-False-dtype1]",
+    "tests/test_cuda_dwconv_stage.py::test_fused_contract_matches_its_reference[cuda-k3-up-bf16-params-bf16]",
+    "tests/test_cuda_dwconv_stage.py::test_fused_contract_matches_its_reference[cuda-k11-bf16]",
     "tests/test_cuda_normal_kl.py::test_normal_kl_matches_reference[cuda-3x20x5x7-channels_last_chunk-bfloat16-True-True]",
     "tests/test_cuda_normal_kl.py::test_normal_kl_matches_reference[cuda-1x1x1x1-nchw_chunk-bfloat16-False-True]",
     "tests/test_cuda_normal_kl.py::test_reductions_are_deterministic[cuda]",
@@ -74,6 +76,7 @@ RACECHECK_TESTS = (   # shared memory: the block reductions and the depthwise ha
     "tests/test_cuda_bn_swish_kernels.py::test_kernels_match_the_formulas[cuda-3x96x4x4-channels_last-bfloat16]",
     "tests/test_cuda_dwconv_stage.py::test_matches_reference[cuda-k5-s2-3x33x35x40-float16]",
     "tests/test_cuda_dwconv_stage.py::test_matches_reference[cuda-k11-s1-3x20x17x40-float32]",
+    "tests/test_cuda_dwconv_stage.py::test_fused_contract_matches_its_reference[cuda-k7-s2-fp16]",
     "tests/test_cuda_normal_kl.py::test_reductions_are_deterministic[cuda]",
 )
 # --quick: the CUDA kernels' own tests, the KL, the fused model, the extension.

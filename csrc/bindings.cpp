@@ -7,8 +7,10 @@
 
 #include <array>
 #include <map>
+#include <optional>
 #include <stdexcept>
 #include <string>
+#include <tuple>
 #include <utility>
 
 #include "nvae_fast.h"
@@ -78,6 +80,38 @@ nvae::DwConvShape to_dw_shape(int64_t n, int64_t c, int64_t h, int64_t w, int k,
   if (stride != 1 && stride != 2) throw std::invalid_argument("stride must be 1 or 2");
   if (stride == 2 && upsample) throw std::invalid_argument("upsample needs stride 1");
   return nvae::DwConvShape{n, c, h, w, k, stride, upsample};
+}
+
+// The fused depthwise stage's BatchNorm arguments from Python (see the bindings below).
+using BatchNormSpec = std::tuple<Ptr, Ptr, int, Ptr, Ptr, float>;
+using RunningSpec = std::tuple<Ptr, Ptr, int, Ptr, float, float>;
+using GradSpec = std::tuple<Ptr, int64_t, bool>;
+
+nvae::BatchNormArgs to_bn(const BatchNormSpec& spec, const char* what) {
+  const auto& [weight, bias, dtype, mean, var, eps] = spec;
+  require({weight, bias, mean, var}, what);
+  if (!(eps >= 0.f)) throw std::invalid_argument(std::string(what) + ": eps must be >= 0");
+  nvae::BatchNormArgs bn;
+  bn.weight = as<const void>(weight);
+  bn.bias = as<const void>(bias);
+  bn.param_dtype = to_dtype(dtype);
+  bn.mean = as<const float>(mean);
+  bn.var = as<const float>(var);
+  bn.eps = eps;
+  return bn;
+}
+
+nvae::RunningUpdate to_running(const RunningSpec& spec) {
+  const auto& [mean, var, dtype, num_batches_tracked, momentum, unbias] = spec;
+  require({mean, var}, "running");
+  nvae::RunningUpdate r;
+  r.mean = as<void>(mean);
+  r.var = as<void>(var);
+  r.dtype = to_dtype(dtype);
+  r.num_batches_tracked = as<int64_t>(num_batches_tracked);
+  r.momentum = momentum;
+  r.unbias = unbias;
+  return r;
 }
 
 // NormalKLArgs from Python: views {name: (data pointer, (stride_n, stride_c, stride_h, stride_w))}
@@ -243,14 +277,14 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "dwconv_stage_forward",
       [](Ptr a, int dtype, int64_t n, int64_t c, int64_t h, int64_t w, int k, int stride, bool upsample, Ptr scale,
-         Ptr shift, Ptr weight, Ptr out, Ptr mean_c, Ptr var_c, Ptr workspace, size_t workspace_bytes, int device,
-         Ptr stream) {
+         Ptr shift, Ptr weight, int weight_dtype, Ptr out, Ptr mean_c, Ptr var_c, Ptr workspace,
+         size_t workspace_bytes, int device, Ptr stream) {
         require({a, scale, shift, weight, out, mean_c, var_c, workspace}, "dwconv_stage_forward");
         const nvae::DwConvShape shape = to_dw_shape(n, c, h, w, k, stride, upsample);
         const DeviceGuard guard(device);
         check_cuda(nvae::dwconv_stage_forward(as<const void>(a), to_dtype(dtype), shape, as<const float>(scale),
-                                              as<const float>(shift), as<const float>(weight), as<void>(out),
-                                              as<float>(mean_c), as<float>(var_c), as<void>(workspace),
+                                              as<const float>(shift), as<const void>(weight), to_dtype(weight_dtype),
+                                              as<void>(out), as<float>(mean_c), as<float>(var_c), as<void>(workspace),
                                               workspace_bytes, stream_of(stream)),
                    "dwconv_stage_forward");
       },
@@ -259,19 +293,111 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "dwconv_stage_backward",
       [](Ptr dc, Ptr a, int dtype, int64_t n, int64_t c, int64_t h, int64_t w, int k, int stride, bool upsample,
-         Ptr scale, Ptr shift, Ptr mean_a, Ptr weight, Ptr g, Ptr sums, Ptr dweight, Ptr workspace,
+         Ptr scale, Ptr shift, Ptr mean_a, Ptr weight, int weight_dtype, Ptr g, Ptr sums, Ptr dweight, Ptr workspace,
          size_t workspace_bytes, int device, Ptr stream) {
         require({dc, a, scale, shift, mean_a, weight, g, sums, dweight, workspace}, "dwconv_stage_backward");
         const nvae::DwConvShape shape = to_dw_shape(n, c, h, w, k, stride, upsample);
         const DeviceGuard guard(device);
         check_cuda(nvae::dwconv_stage_backward(as<const void>(dc), as<const void>(a), to_dtype(dtype), shape,
                                                as<const float>(scale), as<const float>(shift),
-                                               as<const float>(mean_a), as<const float>(weight), as<void>(g),
-                                               as<float>(sums), as<float>(dweight), as<void>(workspace),
-                                               workspace_bytes, stream_of(stream)),
+                                               as<const float>(mean_a), as<const void>(weight),
+                                               to_dtype(weight_dtype), as<void>(g), as<float>(sums),
+                                               as<float>(dweight), as<void>(workspace), workspace_bytes,
+                                               stream_of(stream)),
                    "dwconv_stage_backward");
       },
       py::call_guard<py::gil_scoped_release>());
+
+  // The fused contract: a BatchNorm as (weight, bias, param dtype code, mean, var, eps), the running
+  // update as (mean, var, dtype code, num_batches_tracked or 0, momentum, unbias) or None, a
+  // BatchNorm's backward as (sums, count, training).
+  m.def(
+      "dwconv_stage_forward_fused",
+      [](Ptr a, int dtype, int64_t n, int64_t c, int64_t h, int64_t w, int k, int stride, bool upsample,
+         const BatchNormSpec& bn1, Ptr weight, int weight_dtype, Ptr out, Ptr stats,
+         const std::optional<RunningSpec>& running, Ptr workspace, size_t workspace_bytes, int device, Ptr stream) {
+        require({a, weight, out}, "dwconv_stage_forward_fused");
+        if (running && stats == 0) throw std::invalid_argument("dwconv_stage_forward_fused: running needs stats");
+        if (stats != 0) require({workspace}, "dwconv_stage_forward_fused");
+        const nvae::DwConvShape shape = to_dw_shape(n, c, h, w, k, stride, upsample);
+        const nvae::BatchNormArgs bn = to_bn(bn1, "bn1");
+        const nvae::RunningUpdate run = running ? to_running(*running) : nvae::RunningUpdate{};
+        const DeviceGuard guard(device);
+        check_cuda(nvae::dwconv_stage_forward_fused(as<const void>(a), to_dtype(dtype), shape, bn,
+                                                    as<const void>(weight), to_dtype(weight_dtype), as<void>(out),
+                                                    as<float>(stats), run, as<void>(workspace), workspace_bytes,
+                                                    stream_of(stream)),
+                   "dwconv_stage_forward_fused");
+      },
+      py::call_guard<py::gil_scoped_release>());
+
+  m.def(
+      "dwconv_stage_backward_fused",
+      [](Ptr dz, Ptr z, const BatchNormSpec& bn_z, const GradSpec& grad_z, Ptr a, int dtype, int64_t n, int64_t c,
+         int64_t h, int64_t w, int k, int stride, bool upsample, const BatchNormSpec& bn1, Ptr weight,
+         int weight_dtype, Ptr g, Ptr sums, Ptr grad_weight, Ptr grad_bias, Ptr dweight, Ptr workspace,
+         size_t workspace_bytes, int device, Ptr stream) {
+        require({dz, z, a, weight, g, sums, grad_weight, grad_bias, dweight, workspace}, "dwconv_stage_backward_fused");
+        const nvae::DwConvShape shape = to_dw_shape(n, c, h, w, k, stride, upsample);
+        const nvae::BatchNormArgs bnz = to_bn(bn_z, "bn_z"), bn = to_bn(bn1, "bn1");
+        nvae::BatchNormGrad grad;
+        grad.sums = as<const float>(std::get<0>(grad_z));
+        grad.count = std::get<1>(grad_z);
+        grad.training = std::get<2>(grad_z);
+        if (grad.training && (grad.sums == nullptr || grad.count <= 0)) {
+          throw std::invalid_argument("grad_z: training needs sums and a positive count");
+        }
+        const DeviceGuard guard(device);
+        check_cuda(nvae::dwconv_stage_backward_fused(as<const void>(dz), as<const void>(z), bnz, grad,
+                                                     as<const void>(a), to_dtype(dtype), shape, bn,
+                                                     as<const void>(weight), to_dtype(weight_dtype), as<void>(g),
+                                                     as<float>(sums), as<void>(grad_weight), as<void>(grad_bias),
+                                                     as<void>(dweight), as<void>(workspace), workspace_bytes,
+                                                     stream_of(stream)),
+                   "dwconv_stage_backward_fused");
+      },
+      py::call_guard<py::gil_scoped_release>());
+
+  m.def(
+      "dwconv_stage_launch_plan",
+      [](int64_t n, int64_t c, int64_t h, int64_t w, int k, int stride, bool upsample, int sms,
+         int64_t smem_per_block) {
+        if (sms <= 0) throw std::invalid_argument("sms must be positive");
+        if (smem_per_block < 48 * 1024) throw std::invalid_argument("smem_per_block must be at least 48 KiB");
+        const nvae::DwConvShape shape = to_dw_shape(n, c, h, w, k, stride, upsample);
+        const nvae::DwConvStageLaunch plan = nvae::dwconv_stage_launch_plan(shape, sms, smem_per_block);
+        auto merge = [](const nvae::MergeLaunch& m) {
+          py::dict d;
+          d["parts"] = m.parts;
+          d["segments"] = m.segments;
+          d["seg_len"] = m.seg_len;
+          d["blocks"] = m.blocks;
+          d["serial_loads"] = m.serial_loads;
+          return d;
+        };
+        auto pass = [&](const nvae::DwConvPassLaunch& p) {
+          py::dict d;
+          d["blocks"] = p.blocks;
+          d["tile"] = py::make_tuple(p.th, p.tw);
+          d["tiles"] = p.tiles;
+          d["tiles_per_block"] = p.tiles_per_block;
+          d["smem_bytes"] = p.smem_bytes;
+          d["evaluations_per_element"] = p.evaluations;
+          d["merge"] = merge(p.merge);
+          return d;
+        };
+        py::dict out;
+        out["forward"] = pass(plan.forward);
+        out["input_grad"] = pass(plan.input_grad);
+        out["weight_grad"] = pass(plan.weight_grad);
+        return out;
+      },
+      py::arg("n"), py::arg("c"), py::arg("h"), py::arg("w"), py::arg("k"), py::arg("stride"), py::arg("upsample"),
+      py::arg("sms"), py::arg("smem_per_block"),
+      "The depthwise stage's launch plan on a device with `sms` multiprocessors and `smem_per_block` bytes of "
+      "dynamic shared memory per block (nothing is launched): per kernel "
+      "grid blocks, tile, tiles per block, shared memory, BN1 + Swish evaluations per element of a, and the merge "
+      "of its partials (runs, serial loads per thread).");
 
   // ---- residual-normal KL: tensors cross as {name: (pointer, strides)}, fp32 vectors as {name: pointer} ----
   m.def(

@@ -1,11 +1,12 @@
 // BatchNorm + Swish: batch statistics, forward apply, and the two backward passes.
 // Layouts: NCHW (reduce over N and HW per channel, vectorised along HW) and channels-last
 // (a [M = N*H*W, C] matrix, vectorised along C). Reductions write one fp32 partial per
-// (block row-chunk, channel) and a finalize kernel merges them in a fixed order: deterministic,
-// no atomics.
+// (block row-chunk, channel) and reduce.cu's two-level merge combines them in a fixed order:
+// deterministic, no atomics on values.
 #include <algorithm>
 
 #include "common.cuh"
+#include "reduce.cuh"
 
 namespace nvae {
 namespace {
@@ -19,6 +20,7 @@ struct ChannelCoef {
 // Mean and M2 (sum of squared deviations) by Welford's update; partials merge by Chan's formula.
 struct WelfordOp {
   static constexpr int kFields = 3;  // count, mean, m2
+  static constexpr bool kWelford = true;
   static constexpr bool kUsesDy = false;
   struct State {
     float v[kFields] = {0.f, 0.f, 0.f};
@@ -39,15 +41,12 @@ struct WelfordOp {
     r.v[2] = a.v[2] + b.v[2] + delta * delta * a.v[0] * wb;
     return r;
   }
-  __device__ static void finish(const State& s, float* mean, float* var, int64_t c) {
-    mean[c] = s.v[1];
-    var[c] = s.v[0] > 0.f ? s.v[2] / s.v[0] : 0.f;
-  }
 };
 
 // Sums of g and g * (x - mean), with g = dy * swish'(x * scale + shift): BN backward's two reductions.
 struct BackwardSumsOp {
   static constexpr int kFields = 2;  // sum_g, sum_gxmu
+  static constexpr bool kWelford = false;
   static constexpr bool kUsesDy = true;
   struct State {
     float v[kFields] = {0.f, 0.f};
@@ -62,10 +61,6 @@ struct BackwardSumsOp {
     r.v[0] = a.v[0] + b.v[0];
     r.v[1] = a.v[1] + b.v[1];
     return r;
-  }
-  __device__ static void finish(const State& s, float* sum_g, float* sum_gxmu, int64_t c) {
-    sum_g[c] = s.v[0];
-    sum_gxmu[c] = s.v[1];
   }
 };
 
@@ -95,11 +90,11 @@ __device__ void block_merge(typename Op::State* smem, int row, int lane, int wid
   __syncthreads();
 }
 
+// ws[(chunk * kFields + f) * C + c]: the layout of reduce.cuh's merge.
 template <class Op>
-__device__ void write_partial(float* ws, const typename Op::State& s, int64_t chunk, int64_t chunks, int64_t C,
-                              int64_t c) {
+__device__ void write_partial(float* ws, const typename Op::State& s, int64_t chunk, int64_t C, int64_t c) {
 #pragma unroll
-  for (int f = 0; f < Op::kFields; ++f) ws[(f * chunks + chunk) * C + c] = s.v[f];
+  for (int f = 0; f < Op::kFields; ++f) ws[(chunk * Op::kFields + f) * C + c] = s.v[f];
 }
 
 // Channels-last: block (TX, TY) covers TX * VEC channels and one chunk of rows; grid (channel tiles, chunks).
@@ -107,7 +102,8 @@ template <class Op, typename T, int VEC>
 __global__ void __launch_bounds__(kThreads)
     reduce_nhwc_partial(const T* __restrict__ x, const T* __restrict__ dy, int64_t M, int64_t C,
                         int64_t rows_per_chunk, const float* scale, const float* shift, const float* mean,
-                        float* __restrict__ ws, int64_t chunks) {
+                        float* __restrict__ ws, unsigned* __restrict__ counters, int64_t n_counters) {
+  zero_merge_counters(counters, n_counters);
   __shared__ typename Op::State smem[kThreads * VEC];
   const int tx = threadIdx.x, ty = threadIdx.y, TX = blockDim.x, TY = blockDim.y;
   const int64_t c0 = (static_cast<int64_t>(blockIdx.x) * TX + tx) * VEC;
@@ -133,7 +129,7 @@ __global__ void __launch_bounds__(kThreads)
   block_merge<Op>(smem, ty, tx * VEC, VEC, stride, TY);
   if (ty == 0 && c0 < C) {
 #pragma unroll
-    for (int v = 0; v < VEC; ++v) write_partial<Op>(ws, smem[tx * VEC + v], blockIdx.y, chunks, C, c0 + v);
+    for (int v = 0; v < VEC; ++v) write_partial<Op>(ws, smem[tx * VEC + v], blockIdx.y, C, c0 + v);
   }
 }
 
@@ -142,7 +138,8 @@ template <class Op, typename T, int VEC>
 __global__ void __launch_bounds__(kThreads)
     reduce_nchw_partial(const T* __restrict__ x, const T* __restrict__ dy, int64_t N, int64_t C, int64_t HW,
                         int64_t units_per_chunk, const float* scale, const float* shift, const float* mean,
-                        float* __restrict__ ws, int64_t chunks) {
+                        float* __restrict__ ws, unsigned* __restrict__ counters, int64_t n_counters) {
+  zero_merge_counters(counters, n_counters);
   __shared__ typename Op::State smem[kThreads];
   const int64_t c = blockIdx.x;
   const int64_t units_per_plane = HW / VEC;
@@ -162,54 +159,54 @@ __global__ void __launch_bounds__(kThreads)
   }
   smem[threadIdx.x] = st;
   block_merge<Op>(smem, threadIdx.x, 0, 1, 1, kThreads);
-  if (threadIdx.x == 0) write_partial<Op>(ws, smem[0], blockIdx.y, chunks, C, c);
-}
-
-// One thread per channel merges the chunk partials in chunk order.
-template <class Op>
-__global__ void reduce_finalize(const float* __restrict__ ws, int64_t chunks, int64_t C, float* out0,
-                                float* out1) {
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (c >= C) return;
-  typename Op::State acc;
-  for (int64_t p = 0; p < chunks; ++p) {
-    typename Op::State s;
-#pragma unroll
-    for (int f = 0; f < Op::kFields; ++f) s.v[f] = ws[(f * chunks + p) * C + c];
-    acc = p == 0 ? s : Op::merge(acc, s);
-  }
-  Op::finish(acc, out0, out1, c);
+  if (threadIdx.x == 0) write_partial<Op>(ws, smem[0], blockIdx.y, C, c);
 }
 
 // How many row-chunks a reduction splits into: enough blocks to fill the GPU a few times over,
 // never fewer than ~32 rows (channels-last) or 2048 elements (NCHW) per chunk. Dtype-independent,
-// so the workspace size is known before dispatch.
-int64_t reduce_chunks(const ActShape& s) {
+// so the workspace size is known before dispatch. The workspace holds the chunks' partials, then
+// (256-byte aligned) the merge's scratch.
+struct ReducePlan {
+  int64_t chunks;
+  MergePlan merge;
+  size_t scratch_offset, bytes;
+};
+
+template <class Op>
+ReducePlan reduce_plan(const ActShape& s) {
   const int64_t target_blocks = 4LL * sm_count();
   const int64_t m = s.n * s.hw;
+  ReducePlan p;
   if (s.channels_last) {
     const int64_t channel_tiles = ceil_div(s.c, 256);
-    return std::max<int64_t>(1, std::min(ceil_div(target_blocks, channel_tiles), ceil_div(m, 32)));
+    p.chunks = std::max<int64_t>(1, std::min(ceil_div(target_blocks, channel_tiles), ceil_div(m, 32)));
+  } else {
+    p.chunks = std::max<int64_t>(1, std::min(ceil_div(target_blocks, s.c), ceil_div(m, 2048)));
   }
-  return std::max<int64_t>(1, std::min(ceil_div(target_blocks, s.c), ceil_div(m, 2048)));
+  p.merge = merge_plan(p.chunks, Op::kFields, s.c, Op::kWelford);
+  p.scratch_offset = aligned_bytes(Op::kFields * p.chunks * s.c * static_cast<int64_t>(sizeof(float)));
+  p.bytes = p.scratch_offset + p.merge.scratch_bytes();
+  return p;
 }
 
 template <class Op, typename T, int VEC>
 cudaError_t launch_partial(const T* x, const T* dy, const ActShape& s, const float* scale, const float* shift,
-                           const float* mean, float* ws, int64_t chunks, cudaStream_t stream) {
+                           const float* mean, float* ws, const ReducePlan& p, unsigned* counters,
+                           cudaStream_t stream) {
   const int64_t m = s.n * s.hw;
+  const int64_t n_counters = p.merge.counters();
   if (s.channels_last) {
     int tx = 1;
     while (tx < 32 && tx * VEC < s.c) tx *= 2;
     const dim3 block(tx, kThreads / tx);
-    const dim3 grid(static_cast<unsigned>(ceil_div(s.c, tx * VEC)), static_cast<unsigned>(chunks));
-    return launch(reduce_nhwc_partial<Op, T, VEC>, grid, block, 0, stream, x, dy, m, s.c, ceil_div(m, chunks), scale,
-                  shift, mean, ws, chunks);
+    const dim3 grid(static_cast<unsigned>(ceil_div(s.c, tx * VEC)), static_cast<unsigned>(p.chunks));
+    return launch(reduce_nhwc_partial<Op, T, VEC>, grid, block, 0, stream, x, dy, m, s.c, ceil_div(m, p.chunks),
+                  scale, shift, mean, ws, counters, n_counters);
   } else {
     const int64_t units = m / VEC;
-    const dim3 grid(static_cast<unsigned>(s.c), static_cast<unsigned>(chunks));
+    const dim3 grid(static_cast<unsigned>(s.c), static_cast<unsigned>(p.chunks));
     return launch(reduce_nchw_partial<Op, T, VEC>, grid, dim3(kThreads), 0, stream, x, dy, s.n, s.c, s.hw,
-                  ceil_div(units, chunks), scale, shift, mean, ws, chunks);
+                  ceil_div(units, p.chunks), scale, shift, mean, ws, counters, n_counters);
   }
 }
 
@@ -218,11 +215,11 @@ cudaError_t channel_reduce(const void* x, const void* dy, DType dtype, const Act
                            const float* shift, const float* mean, float* out0, float* out1, void* workspace,
                            size_t workspace_bytes, cudaStream_t stream) {
   if (s.n <= 0 || s.c <= 0 || s.hw <= 0) return cudaErrorInvalidValue;
-  const int64_t chunks = reduce_chunks(s);
-  if (workspace_bytes < static_cast<size_t>(Op::kFields * chunks * s.c) * sizeof(float)) {
-    return cudaErrorInvalidValue;
-  }
+  const ReducePlan p = reduce_plan<Op>(s);
+  if (workspace_bytes < p.bytes) return cudaErrorInvalidValue;
   float* ws = static_cast<float*>(workspace);
+  void* scratch = static_cast<char*>(workspace) + p.scratch_offset;
+  unsigned* counters = p.merge.counter_ptr(scratch);
   cudaError_t err = cudaSuccess;
   NVAE_DISPATCH_DTYPE(dtype, T, {
     const T* xt = static_cast<const T*>(x);
@@ -230,14 +227,16 @@ cudaError_t channel_reduce(const void* x, const void* dy, DType dtype, const Act
     constexpr int kVec = 16 / sizeof(T);
     const int vec = pick_vec<T>(s.channels_last ? s.c : s.hw, {x, dy});
     if (vec == kVec) {
-      err = launch_partial<Op, T, kVec>(xt, dyt, s, scale, shift, mean, ws, chunks, stream);
+      err = launch_partial<Op, T, kVec>(xt, dyt, s, scale, shift, mean, ws, p, counters, stream);
     } else {
-      err = launch_partial<Op, T, 1>(xt, dyt, s, scale, shift, mean, ws, chunks, stream);
+      err = launch_partial<Op, T, 1>(xt, dyt, s, scale, shift, mean, ws, p, counters, stream);
     }
   });
   if (err != cudaSuccess) return err;
-  return launch(reduce_finalize<Op>, dim3(static_cast<unsigned>(ceil_div(s.c, 128))), dim3(128), 0, stream, ws, chunks,
-                s.c, out0, out1);
+  MergeOut out;
+  out.data = out0;
+  out.second = out1;
+  return launch_merge(ws, p.merge, scratch, out, stream);
 }
 
 // y = swish(x * scale + shift), or (kBackward) dx = scale * g + coef_xmu * (x - mean) + coef_const.
@@ -310,19 +309,8 @@ cudaError_t launch_elementwise(const void* x, const void* dy, void* out, DType d
 
 }  // namespace
 
-int sm_count() {
-  int device = 0;
-  int count = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || count <= 0) {
-    cudaGetLastError();  // clear, so the caller's launch reports its own error
-    return 1;
-  }
-  return count;
-}
-
 size_t bn_reduce_workspace_bytes(const ActShape& shape) {
-  return static_cast<size_t>(WelfordOp::kFields * reduce_chunks(shape) * shape.c) * sizeof(float);
+  return std::max(reduce_plan<WelfordOp>(shape).bytes, reduce_plan<BackwardSumsOp>(shape).bytes);
 }
 
 cudaError_t bn_stats(const void* x, DType dtype, const ActShape& shape, float* mean, float* var, void* workspace,

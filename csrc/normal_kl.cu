@@ -6,7 +6,7 @@
 // channels across the 32 lanes when the leading input has unit channel stride (channels-last
 // params), else positions across the lanes (NCHW). The forward KL passes reduce per block into
 // partials (kl per channel; kl, log_q, log_p per image) merged in a fixed order by reduce.cu's
-// finalize kernel: one pass over the data, deterministic, no atomics. The backward passes and the
+// two-level merge: one pass over the data, deterministic, no atomics on values. The backward passes and the
 // sampling are element-wise.
 #include <algorithm>
 
@@ -60,8 +60,33 @@ Layout layout_of(const NormalKLArgs& a, Mode m) {
   return l;
 }
 
-size_t channel_partials(const NormalKLArgs& a, const Layout& l) { return static_cast<size_t>(a.n * l.hblocks * a.c); }
-size_t image_partials(const NormalKLArgs& a, const Layout& l) { return static_cast<size_t>(l.blocks() * 3 * a.n); }
+// The reducing modes' workspace: the per-channel partials, the per-image partials, then
+// (256-byte aligned) the scratch of each one's merge.
+struct ReducePlan {
+  MergePlan channel, image;  // kl_diag over (n, hb) partials; (kl, log_q, log_p) per image over (cb, hb)
+  size_t image_offset, channel_scratch_offset, image_scratch_offset, bytes;
+};
+
+ReducePlan reduce_plan(const NormalKLArgs& a, const Layout& l) {
+  ReducePlan p;
+  p.channel = merge_plan(a.n * l.hblocks, 1, a.c, false);
+  p.image = merge_plan(l.blocks(), 3, a.n, false);
+  const int64_t f = sizeof(float);
+  p.image_offset = aligned_bytes(a.n * l.hblocks * a.c * f);
+  p.channel_scratch_offset = p.image_offset + aligned_bytes(l.blocks() * 3 * a.n * f);
+  p.image_scratch_offset = p.channel_scratch_offset + aligned_bytes(static_cast<int64_t>(p.channel.scratch_bytes()));
+  p.bytes = p.image_scratch_offset + p.image.scratch_bytes();
+  return p;
+}
+
+// Where a reducing launch writes its partials and the arrival counters it zeroes for the merges.
+struct Partials {
+  float* channel = nullptr;
+  float* image = nullptr;
+  unsigned* channel_counters = nullptr;
+  unsigned* image_counters = nullptr;
+  int64_t n_channel_counters = 0, n_image_counters = 0;
+};
 
 // fp32 views of the strided tensors.
 template <typename T>
@@ -210,12 +235,16 @@ __device__ __forceinline__ void element(const NormalKLArgs& a, int64_t n, int64_
 }
 
 // Grid: n * cblocks * hblocks blocks of (32, 8). Reducing modes write
-// ws_c[(n * hblocks + hb) * C + c] (kl over the block's positions) and
-// ws_n[((cb * hblocks + hb) * 3 + {kl, log_q, log_p}) * N + n] (over the block's elements).
+// ws.channel[(n * hblocks + hb) * C + c] (kl over the block's positions) and
+// ws.image[((cb * hblocks + hb) * 3 + {kl, log_q, log_p}) * N + n] (over the block's elements), and
+// zero the arrival counters of their merges.
 template <typename T, Mode M, bool kChannelFast>
 __global__ void __launch_bounds__(kThreads, kMinBlocks)
-    normal_kl_kernel(NormalKLArgs a, int64_t cblocks, int64_t hblocks, int64_t hw_per_block, float* __restrict__ ws_c,
-                     float* __restrict__ ws_n) {
+    normal_kl_kernel(NormalKLArgs a, int64_t cblocks, int64_t hblocks, int64_t hw_per_block, Partials ws) {
+  if constexpr (reduces(M)) {
+    zero_merge_counters(ws.channel_counters, ws.n_channel_counters);
+    zero_merge_counters(ws.image_counters, ws.n_image_counters);
+  }
   const int tx = threadIdx.x, ty = threadIdx.y;
   const int64_t hb = blockIdx.x % hblocks;
   const int64_t cb = (blockIdx.x / hblocks) % cblocks;
@@ -251,7 +280,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
     if (writer && c < a.c) {
       float s = 0.f;
       for (int i = 0; i < (kChannelFast ? kRows : kLanes); ++i) s += red[0][kChannelFast ? i * kLanes + tx : ty * kLanes + i];
-      ws_c[(n * hblocks + hb) * a.c + c] = s;
+      ws.channel[(n * hblocks + hb) * a.c + c] = s;
     }
     for (int s = kThreads / 2; s > 0; s /= 2) {
       if (t < s) {
@@ -260,7 +289,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
       }
       __syncthreads();
     }
-    if (t < 3) ws_n[((cb * hblocks + hb) * 3 + t) * a.n + n] = red[t + 1][0];
+    if (t < 3) ws.image[((cb * hblocks + hb) * 3 + t) * a.n + n] = red[t + 1][0];
   }
 }
 
@@ -270,27 +299,40 @@ cudaError_t run(const NormalKLArgs& a, void* workspace, size_t workspace_bytes, 
   const Layout l = layout_of(a, M);
   const int64_t blocks = a.n * l.blocks();
   if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
-  float* ws_c = static_cast<float*>(workspace);
-  float* ws_n = ws_c + channel_partials(a, l);
-  if (reduces(M) && (workspace == nullptr || a.sums_n == nullptr || a.kl_diag == nullptr ||
-                     workspace_bytes < (channel_partials(a, l) + image_partials(a, l)) * sizeof(float))) {
-    return cudaErrorInvalidValue;
+  const ReducePlan p = reduce_plan(a, l);
+  Partials ws;
+  char* base = static_cast<char*>(workspace);
+  if constexpr (reduces(M)) {
+    if (workspace == nullptr || a.sums_n == nullptr || a.kl_diag == nullptr || workspace_bytes < p.bytes) {
+      return cudaErrorInvalidValue;
+    }
+    ws.channel = reinterpret_cast<float*>(base);
+    ws.image = reinterpret_cast<float*>(base + p.image_offset);
+    ws.channel_counters = p.channel.counter_ptr(base + p.channel_scratch_offset);
+    ws.image_counters = p.image.counter_ptr(base + p.image_scratch_offset);
+    ws.n_channel_counters = p.channel.counters();
+    ws.n_image_counters = p.image.counters();
   }
   const dim3 grid(static_cast<unsigned>(blocks)), block(kLanes, kRows);
   cudaError_t err = cudaSuccess;
   NVAE_DISPATCH_DTYPE(a.dtype, T, {
     if (l.channel_fast) {
-      err = launch(normal_kl_kernel<T, M, true>, grid, block, 0, stream, a, l.cblocks, l.hblocks, l.hw_per_block,
-                   ws_c, ws_n);
+      err = launch(normal_kl_kernel<T, M, true>, grid, block, 0, stream, a, l.cblocks, l.hblocks, l.hw_per_block, ws);
     } else {
       err = launch(normal_kl_kernel<T, M, false>, grid, block, 0, stream, a, l.cblocks, l.hblocks, l.hw_per_block,
-                   ws_c, ws_n);
+                   ws);
     }
   });
   if (err != cudaSuccess || !reduces(M)) return err;
-  err = launch_finalize_sums(ws_c, a.n * l.hblocks, 1, a.c, a.kl_diag, 0, 1, 1.f / static_cast<float>(a.n), stream);
+  MergeOut kl_diag;  // mean over images of the per-image sums
+  kl_diag.data = a.kl_diag;
+  kl_diag.scale = 1.f / static_cast<float>(a.n);
+  err = launch_merge(ws.channel, p.channel, base + p.channel_scratch_offset, kl_diag, stream);
   if (err != cudaSuccess) return err;
-  return launch_finalize_sums(ws_n, l.blocks(), 3, a.n, a.sums_n, a.n, 1, 1.f, stream);
+  MergeOut sums_n;  // (3, N)
+  sums_n.data = a.sums_n;
+  sums_n.fstride = a.n;
+  return launch_merge(ws.image, p.image, base + p.image_scratch_offset, sums_n, stream);
 }
 
 bool has(const Strided4& v) { return v.data != nullptr; }
@@ -300,10 +342,7 @@ bool has(const Strided4& v) { return v.data != nullptr; }
 size_t normal_kl_workspace_bytes(const NormalKLArgs& args) {
   if (args.n <= 0 || args.c <= 0 || args.h <= 0 || args.w <= 0) return 0;
   size_t bytes = 0;
-  for (Mode m : {Mode::kKLForward, Mode::kFlowForward}) {
-    const Layout l = layout_of(args, m);
-    bytes = std::max(bytes, (channel_partials(args, l) + image_partials(args, l)) * sizeof(float));
-  }
+  for (Mode m : {Mode::kKLForward, Mode::kFlowForward}) bytes = std::max(bytes, reduce_plan(args, layout_of(args, m)).bytes);
   return bytes;
 }
 

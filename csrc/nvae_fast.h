@@ -53,8 +53,8 @@ cudaError_t bn_swish_backward_apply(const void* dy, const void* x, void* dx, DTy
 
 // ---- Depthwise stage of the fused generative cell (nvae_fast/ops/dwconv_stage.py) ---------------
 //
-// a (N, C, H, W) channels-last in `dtype`; scale, shift, mean_a fp32 (C,); weight fp32 laid out
-// tap-major (K * K, C): weight[(ky * K + kx) * C + c] is the official weight[c, 0, ky, kx].
+// a (N, C, H, W) channels-last in `dtype`; scale, shift, mean_a fp32 (C,); the filter `weight` is
+// the (C, 1, K, K) parameter, contiguous, fp32 / fp16 / bf16 (`weight_dtype`).
 // Forward:   b = swish(a * scale + shift), nearest-2x upsampled with `upsample`;
 //            c = depthwise_conv(b, weight, stride, padding K / 2)       (N, C, Ho, Wo) channels-last
 //            mean_c, var_c: fp32 batch mean and biased variance of c (before rounding to dtype)
@@ -64,6 +64,12 @@ cudaError_t bn_swish_backward_apply(const void* dy, const void* x, void* dx, DTy
 //            dweight[c * K * K + ky * K + kx] = sum over n, outputs of dc * b at the tap   (fp32 (C, K, K))
 // Ho = (Hi + 2 (K / 2) - K) / stride + 1 with Hi = 2H if upsample else H (same for W).
 // Reductions are deterministic (fixed-order merges of per-block partials in the workspace).
+//
+// The fused contract (the same stage with the per-channel work between the cell's kernels inside it;
+// nvae_fast/ops/stage_args.py): scale, shift are folded from BN1's tensors in the kernels, the
+// statistics go to (2, C) with BN2's running-statistics update, and the backward rebuilds dc from
+// BN2's backward, dc = scale_z * dz + kx_z * (z - mean_z) + kc_z (rounded to `dtype`, as the
+// contract's reference does), writes BN1's parameter gradients and dweight in the parameters' dtype.
 
 struct DwConvShape {
   int64_t n, c, h, w;  // a
@@ -72,18 +78,95 @@ struct DwConvShape {
   bool upsample;       // stride 1 only
 };
 
+// One BatchNorm as a stage applies it: y = (x - mean) / sqrt(var + eps) * weight + bias, i.e.
+// x * scale + shift with scale = weight * rsqrt(var + eps), shift = bias - mean * scale.
+struct BatchNormArgs {
+  const void* weight = nullptr;  // (C,) in param_dtype
+  const void* bias = nullptr;
+  DType param_dtype = DType::kFloat32;
+  const float* mean = nullptr;  // (C,) fp32
+  const float* var = nullptr;
+  float eps = 1e-5f;
+};
+
+// The running statistics a stage updates once it has a BatchNorm's batch statistics, as
+// torch.nn.BatchNorm2d does: running += momentum * (batch - running), the variance unbiased
+// (var * unbias), num_batches_tracked += 1. mean == nullptr: no update.
+struct RunningUpdate {
+  void* mean = nullptr;  // (C,) in dtype
+  void* var = nullptr;
+  DType dtype = DType::kFloat32;
+  int64_t* num_batches_tracked = nullptr;  // may be null
+  float momentum = 0.1f;
+  float unbias = 1.f;
+};
+
+// A BatchNorm's backward as a later stage applies it: dx = scale * g + kx * (x - mean) + kc with
+// kx = -scale / (var + eps) * sums[1] / count, kc = -scale * sums[0] / count in training, 0 in eval.
+struct BatchNormGrad {
+  const float* sums = nullptr;  // (2, C) fp32: sum g, sum g * (x - mean)
+  int64_t count = 1;
+  bool training = true;
+};
+
 // Bytes of workspace each pass needs for this shape on the current device.
 size_t dwconv_stage_forward_workspace_bytes(const DwConvShape& shape);
 size_t dwconv_stage_backward_workspace_bytes(const DwConvShape& shape);
 
 cudaError_t dwconv_stage_forward(const void* a, DType dtype, const DwConvShape& shape, const float* scale,
-                                 const float* shift, const float* weight, void* c, float* mean_c, float* var_c,
-                                 void* workspace, size_t workspace_bytes, cudaStream_t stream);
+                                 const float* shift, const void* weight, DType weight_dtype, void* c, float* mean_c,
+                                 float* var_c, void* workspace, size_t workspace_bytes, cudaStream_t stream);
 
 cudaError_t dwconv_stage_backward(const void* dc, const void* a, DType dtype, const DwConvShape& shape,
-                                  const float* scale, const float* shift, const float* mean_a, const float* weight,
-                                  void* g, float* sums, float* dweight, void* workspace, size_t workspace_bytes,
-                                  cudaStream_t stream);
+                                  const float* scale, const float* shift, const float* mean_a, const void* weight,
+                                  DType weight_dtype, void* g, float* sums, float* dweight, void* workspace,
+                                  size_t workspace_bytes, cudaStream_t stream);
+
+// Fused forward: c as above with scale, shift from bn1; stats (2, C) = (mean_c, var_c), or nullptr
+// (eval: no statistics, one launch); `running` updated from them when set.
+cudaError_t dwconv_stage_forward_fused(const void* a, DType dtype, const DwConvShape& shape, const BatchNormArgs& bn1,
+                                       const void* weight, DType weight_dtype, void* c, float* stats,
+                                       const RunningUpdate& running, void* workspace, size_t workspace_bytes,
+                                       cudaStream_t stream);
+
+// Fused backward: dc = BN2's backward of dz (N, C, Ho, Wo) with z = c (both channels-last in dtype),
+// bn_z and grad_z; then the backward above with scale, shift from bn1 and mean_a = bn1.mean.
+// sums (2, C) fp32; bn1_grad_weight = sums[1] * rsqrt(bn1.var + eps), bn1_grad_bias = sums[0] in
+// bn1.param_dtype; dweight (C, 1, K, K) in weight_dtype.
+cudaError_t dwconv_stage_backward_fused(const void* dz, const void* z, const BatchNormArgs& bn_z,
+                                        const BatchNormGrad& grad_z, const void* a, DType dtype,
+                                        const DwConvShape& shape, const BatchNormArgs& bn1, const void* weight,
+                                        DType weight_dtype, void* g, float* sums, void* bn1_grad_weight,
+                                        void* bn1_grad_bias, void* dweight, void* workspace, size_t workspace_bytes,
+                                        cudaStream_t stream);
+
+// The launch plan of the depthwise stage on a device with `sms` multiprocessors where a block may
+// use `smem_per_block` bytes of dynamic shared memory (at least 48 KiB; the kernels take what lets
+// two blocks share a multiprocessor: 81 KiB on sm_80, 113 KiB on sm_90): what each kernel launches
+// and how its partials are merged. Nothing is launched; tests and benchmarks read it.
+struct MergeLaunch {
+  int64_t parts = 0;         // partials per (field, channel)
+  int64_t segments = 0;      // level-1 runs (1: one level)
+  int64_t seg_len = 0;       // partials per run
+  int64_t blocks = 0;        // merge grid size
+  int64_t serial_loads = 0;  // values one thread merges one after another, both levels
+};
+
+struct DwConvPassLaunch {
+  int64_t blocks = 0;           // grid size
+  int th = 0, tw = 0;           // tile: outputs (forward, weight grad) or positions of a (input grad)
+  int64_t tiles = 0;            // over the batch
+  int64_t tiles_per_block = 0;  // > 1 only for the weight grad's runs
+  int64_t smem_bytes = 0;       // dynamic shared memory per block
+  double evaluations = 0.0;     // BN1 + Swish (or its derivative) evaluations per element of a
+  MergeLaunch merge;
+};
+
+struct DwConvStageLaunch {
+  DwConvPassLaunch forward, input_grad, weight_grad;
+};
+
+DwConvStageLaunch dwconv_stage_launch_plan(const DwConvShape& shape, int sms, int64_t smem_per_block);
 
 // ---- Residual-normal latent groups (nvae_fast/ops/normal_kl.py) ------------------------------------
 //

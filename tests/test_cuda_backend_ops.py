@@ -14,6 +14,7 @@ import torch
 
 import nvae_fast
 from nvae_fast import backend
+from nvae_fast.kernels.cuda import dwconv_stage as cuda_dwconv_stage
 from nvae_fast.ops.dwconv_stage import (dwconv_stage_backward, dwconv_stage_backward_ref, dwconv_stage_forward,
                                         dwconv_stage_forward_ref)
 from nvae_fast.ops.normal_kl import flow_kl, flow_kl_ref, normal_kl, normal_kl_ref, normal_sample, normal_sample_ref
@@ -55,15 +56,32 @@ def emulated_cuda_backend(monkeypatch):
         yield
 
 
-@pytest.mark.parametrize("upsample", [False, True])
-def test_fused_cell_with_the_cuda_depthwise_stage(emulated_cuda_backend, upsample):
+@pytest.fixture
+def stage_calls(monkeypatch):
+    """Counts the calls of the cuda depthwise stage's launchers, per contract."""
+    calls: dict[str, int] = {}
+    for name in ("dwconv_stage_forward", "dwconv_stage_backward", "dwconv_stage_forward_fused",
+                 "dwconv_stage_backward_fused"):
+        def counted(*args, _real=getattr(cuda_dwconv_stage, name), _name=name):
+            calls[_name] = calls.get(_name, 0) + 1
+            return _real(*args)
+        monkeypatch.setattr(cuda_dwconv_stage, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("upsample,training", [(False, True), (True, True), (False, False)])
+def test_fused_cell_with_the_cuda_depthwise_stage(emulated_cuda_backend, stage_calls, upsample, training):
+    """The fused cell takes the cuda stage's fused contract (BatchNorms folded, BN2's backward
+    applied as the windows load, running statistics and parameter gradients in the kernels), not
+    the plain contract behind torch ops."""
     params, running = _params(20, 10 if upsample else 20, 6, 5)
     x, skip, dout = _inputs(2, 20, 10 if upsample else 20, 5, 7, upsample)
-    expected = _run("ref", x, skip, dout, params, running, upsample, True, torch.float64)
+    expected = _run("ref", x, skip, dout, params, running, upsample, training, torch.float64)
     with backend_recorder() as chosen:
-        got = _run("cuda", x, skip, dout, params, running, upsample, True, torch.float32)
+        got = _run("cuda", x, skip, dout, params, running, upsample, training, torch.float32)
     assert chosen["dwconv_stage"] == {"cuda"}
-    _compare(got, expected, torch.float32, f"cuda stage, upsample={upsample}", scale=25)
+    assert stage_calls == {"dwconv_stage_forward_fused": 1, "dwconv_stage_backward_fused": 1}
+    _compare(got, expected, torch.float32, f"cuda stage, upsample={upsample}, training={training}", scale=25)
 
 
 @pytest.mark.parametrize("upsample", [False, True])

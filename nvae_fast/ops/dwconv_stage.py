@@ -25,8 +25,8 @@ Backward, given dc = dL/dc::
 
 ``b`` is never stored: both passes recompute it from ``a``.
 
-Fused contract (``dwconv_stage_forward_fused`` / ``dwconv_stage_backward_fused``; triton, torch)
--------------------------------------------------------------------------------------------------
+Fused contract (``dwconv_stage_{forward,backward}_fused``; triton, cuda, torch)
+-------------------------------------------------------------------------------
 
 The same stage with everything that would otherwise run as small torch ops between the cell's
 kernels done inside the stage (types: nvae_fast/ops/stage_args.py)::

@@ -3,15 +3,24 @@
 #include <barrier>
 #include <cstdint>
 #include <limits>
+#include <map>
+#include <mutex>
 #include <thread>
 #include <vector>
 
 namespace {
 
 constexpr int kEmulatedSMs = 3;  // odd on purpose: exercises uneven work splits
-constexpr size_t kSmemLimit = 48 * 1024;
+// Shared memory as on an A100: 48 KiB per block by default, up to 163 KiB per block with the
+// kernel's opt-in attribute, 164 KiB per multiprocessor, 1 KiB reserved per block.
+constexpr size_t kSmemDefault = 48 * 1024;
+constexpr int kSmemOptin = 163 * 1024;
+constexpr int kSmemPerSM = 164 * 1024;
+constexpr int kSmemReserved = 1024;
 thread_local cudaError_t last_error = cudaSuccess;
 std::vector<float> dynamic_smem;
+std::mutex attributes_mutex;
+std::map<const void*, int> max_dynamic_smem;  // cudaFuncAttributeMaxDynamicSharedMemorySize per kernel
 
 }  // namespace
 
@@ -42,7 +51,7 @@ float* shared_floats() { return dynamic_smem.data(); }
 
 namespace emu {
 
-cudaError_t run(dim3 grid, dim3 block, size_t smem_bytes, void (*body)(void*), void* ctx) {
+cudaError_t run(const void* kernel, dim3 grid, dim3 block, size_t smem_bytes, void (*body)(void*), void* ctx) {
   const int64_t threads = int64_t(block.x) * block.y * block.z;
   const int64_t blocks = int64_t(grid.x) * grid.y * grid.z;
   if (threads <= 0 || threads > 1024 || block.z > 64 || grid.y > 65535 || grid.z > 65535 || blocks <= 0 ||
@@ -50,7 +59,13 @@ cudaError_t run(dim3 grid, dim3 block, size_t smem_bytes, void (*body)(void*), v
     last_error = cudaErrorInvalidConfiguration;
     return last_error;
   }
-  if (smem_bytes > kSmemLimit) {
+  size_t smem_limit = kSmemDefault;
+  {
+    const std::lock_guard<std::mutex> lock(attributes_mutex);
+    const auto it = max_dynamic_smem.find(kernel);
+    if (it != max_dynamic_smem.end()) smem_limit = std::max(smem_limit, static_cast<size_t>(it->second));
+  }
+  if (smem_bytes > smem_limit) {
     last_error = cudaErrorInvalidValue;
     return last_error;
   }
@@ -110,8 +125,21 @@ cudaError_t cudaGetDevice(int* device) {
 cudaError_t cudaSetDevice(int device) { return device == 0 ? cudaSuccess : cudaErrorInvalidDevice; }
 
 cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) {
-  if (device != 0 || attr != cudaDevAttrMultiProcessorCount) return cudaErrorInvalidValue;
-  *value = kEmulatedSMs;
+  if (device != 0) return cudaErrorInvalidDevice;
+  switch (attr) {
+    case cudaDevAttrMultiProcessorCount: *value = kEmulatedSMs; return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = kSmemOptin; return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerMultiprocessor: *value = kSmemPerSM; return cudaSuccess;
+    case cudaDevAttrReservedSharedMemoryPerBlock: *value = kSmemReserved; return cudaSuccess;
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+cudaError_t cudaFuncSetAttribute(const void* func, cudaFuncAttribute attr, int value) {
+  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize) return cudaErrorInvalidValue;
+  if (value < 0 || value > kSmemOptin) return cudaErrorInvalidValue;
+  const std::lock_guard<std::mutex> lock(attributes_mutex);
+  max_dynamic_smem[func] = value;
   return cudaSuccess;
 }
 
