@@ -18,6 +18,11 @@ without a GPU:
   values (``nonzero``, boolean-mask indexing, ``masked_select``, ``unique``, ...) or that read a
   tensor argument on the host (``masked_fill`` with a tensor value).
 
+``--skip_triton`` counts without running the Triton kernels (the interpreter's work is what
+makes a count slow): their outputs keep whatever memory they were given. The counts are the same as
+long as the measured code makes no host synchronisation (then no value can steer the host's path),
+so the mode first checks that: it refuses to report a count with syncs in it.
+
 What this cannot see: work a GPU library splits into several kernels behind one ATen op (cuDNN
 batch norm, a foreach op over many tensors), and Python code that reads tensor memory without
 PyTorch (``t.data_ptr()`` arithmetic). The counts are per call of the measured function. The
@@ -32,6 +37,7 @@ ops, as in every weight-normalised convolution of the model), also counted alone
     python benchmarks/launch_count.py                         # every workload, JSON on stdout
     python benchmarks/launch_count.py --workloads cell --backend torch
     python benchmarks/launch_count.py --output counts.json
+    python benchmarks/launch_count.py --workloads train_step --skip_triton   # seconds, not minutes
 """
 
 from __future__ import annotations
@@ -220,6 +226,28 @@ def _count_triton_launches(counts: Counts, state: dict) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def skipping_triton() -> Iterator[None]:
+    """Triton kernels launched inside the block do not run (their outputs are left as they were)."""
+    try:
+        from triton.runtime import interpreter, jit
+    except ImportError:
+        yield
+        return
+    originals = [(cls, cls.run) for cls in (interpreter.InterpretedFunction, jit.JITFunction)]
+
+    def skipped_run(self, *args, **kwargs):
+        return None
+
+    for cls, _ in originals:
+        cls.run = skipped_run
+    try:
+        yield
+    finally:
+        for cls, run in originals:
+            cls.run = run
+
+
+@contextlib.contextmanager
 def counting(host_tensors: Iterable[torch.Tensor] = ()) -> Iterator[Counts]:
     """Counts every launch and host synchronisation inside the block (one thread).
 
@@ -331,10 +359,12 @@ def _summary_line(name: str, summary: dict[str, dict[str, int]]) -> str:
 
 
 def train_step_counts(preset: str = "tiny_cifar10", batch: int = 4, backend: str = "triton",
-                      device: torch.device | str | None = None) -> dict[str, Any]:
+                      device: torch.device | str | None = None, skip_triton: bool = False) -> dict[str, Any]:
     """Launches and host synchronisations of one ``Trainer.train_step`` of ``preset`` on ``device``
     (default: :func:`default_device`; the second step: the first one draws the spectral
-    regulariser's start vectors)."""
+    regulariser's start vectors). ``skip_triton``: the Triton kernels do not run (see the module
+    docstring); raises RuntimeError if the step synchronises, since its count could then depend
+    on the values skipped."""
     import nvae_fast
     from nvae_fast import NVAE, NVAEConfig
     from nvae_fast.train.recipe import TrainConfig
@@ -346,14 +376,17 @@ def train_step_counts(preset: str = "tiny_cifar10", batch: int = 4, backend: str
     config = NVAEConfig.preset(preset)
     cfg = TrainConfig(batch_size=batch, epochs=2, warmup_epochs=1, amp="off")
     x = torch.rand(batch, config.in_channels, config.image_size, config.image_size, device=device)
-    with nvae_fast.use_backend(backend):
+    with nvae_fast.use_backend(backend), (skipping_triton() if skip_triton else contextlib.nullcontext()):
         trainer = Trainer(NVAE(config).to(device), cfg, Runtime(device), steps_per_epoch=10)
         trainer.train_step(x)
         # Optimizers keep their step counters on the CPU unless told otherwise.
         host = [s["step"] for s in trainer.optimizer.state.values()
                 if isinstance(s.get("step"), torch.Tensor) and not s["step"].is_cuda]
         counts = count(lambda: trainer.train_step(x), host)
-    return {"preset": preset, "batch": batch, "backend": backend, "device": device.type,
+    if skip_triton and counts.syncs:
+        raise RuntimeError(f"the step synchronises ({dict(counts.syncs)}): its launch count without running the "
+                           "Triton kernels could differ from the real one; count without skip_triton")
+    return {"preset": preset, "batch": batch, "backend": backend, "device": device.type, "skip_triton": skip_triton,
             "train_step": counts.to_dict()}
 
 
@@ -369,6 +402,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="backend of nvae_fast's fused ops (the torch backend is the eager reference)")
     parser.add_argument("--preset", default="tiny_cifar10", help="model preset of the train_step workload")
     parser.add_argument("--batch", type=int, default=4, help="batch size of the train_step workload")
+    parser.add_argument("--skip_triton", action="store_true",
+                        help="do not run the Triton kernels of the train_step workload (same counts while the step "
+                             "makes no host synchronisation, which is checked; much faster under the interpreter)")
     parser.add_argument("--output", help="also write the JSON to this file")
     args = parser.parse_args(argv)
     workloads = [w for w in args.workloads.split(",") if w]
@@ -390,7 +426,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, summary in report["summary"].items():
             print(_summary_line(name, summary), file=sys.stderr)
     if "train_step" in workloads:
-        report["train_step"] = train_step_counts(args.preset, args.batch, args.backend, device)
+        report["train_step"] = train_step_counts(args.preset, args.batch, args.backend, device,
+                                                 skip_triton=args.skip_triton)
     text = json.dumps(report, indent=2)
     print(text)
     if args.output:

@@ -181,7 +181,8 @@ def _train(args: argparse.Namespace) -> int:
             result = run_training(request.model, request.train, request.run_dir, rt, resume=request.resume,
                                   overwrite=request.overwrite, stop_after_step=request.stop_after_step,
                                   export_official=request.export_official,
-                                  export_safetensors=request.export_safetensors)
+                                  export_safetensors=request.export_safetensors, compile=request.compile,
+                                  cuda_graphs=request.cuda_graphs)
     finally:
         shutdown(rt)
     if rt.is_main and result.final is not None:

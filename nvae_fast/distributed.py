@@ -41,15 +41,31 @@ def combine_moments(
 def all_gather_moments(
     mean: torch.Tensor, var: torch.Tensor, count: int, process_group: ProcessGroup | None
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Global (mean, biased var, count) from every rank's local ones; mean, var are (C,) fp32/fp64."""
+    """Global (mean, biased var, count) from every rank's local ones; mean, var are (C,) fp32/fp64.
+
+    The merge weighs each rank by the count it sent, on the device. The returned count stays on
+    the host, ``count * world size``: every rank must normalise the same number of values per
+    channel (training batches of one size, as the loaders' ``drop_last`` gives), which a
+    device-side assert checks without making the host wait.
+    """
     world = group_size(process_group)
-    local = torch.cat([mean, var, mean.new_tensor([float(count)])])
+    local = torch.cat([mean, var, mean.new_full((1,), float(count))])
     parts = [torch.empty_like(local) for _ in range(world)]
     dist.all_gather(parts, local, group=process_group)  # gloo has no all_gather_into_tensor
     gathered = torch.stack(parts)
     C = mean.numel()
-    merged_mean, merged_var, total = combine_moments(gathered[:, :C], gathered[:, C:2 * C], gathered[:, 2 * C])
-    return merged_mean, merged_var, int(round(total.item()))
+    counts = gathered[:, 2 * C]
+    merged_mean, merged_var, _ = combine_moments(gathered[:, :C], gathered[:, C:2 * C], counts)
+    assert_on_device((counts == float(count)).all(), "SyncBatchNorm: every rank must normalise the same number of "
+                     f"values per channel ({count} on this rank); use batches of one size on every rank")
+    return merged_mean, merged_var, count * world
+
+
+def assert_on_device(condition: torch.Tensor, message: str) -> None:
+    """Raises (RuntimeError with ``message``) unless the 0-d bool ``condition`` holds, without
+    making the host wait for a GPU: on the CPU it is checked at once, on a GPU (and in compiled
+    code) by a device-side assert that fails at the next synchronisation."""
+    torch._assert_async(condition, message)
 
 
 def all_reduce_sum(tensors: list[torch.Tensor], process_group: ProcessGroup | None) -> list[torch.Tensor]:

@@ -30,12 +30,13 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from nvae_fast import distributions
 from nvae_fast.config import CHANNEL_MULT, NVAEConfig
 from nvae_fast.nn.cells import DecCombinerCell, EncCombinerCell, make_cell
-from nvae_fast.nn.conv import Conv2D
+from nvae_fast.nn.conv import Conv2D, ConvWeightBank
 from nvae_fast.nn.flows import ARConv2d, PairedARFlow
+from nvae_fast.ops import weight_norm as weight_norm_op
 from nvae_fast.ops.normal_kl import SIGMA_MIN, GroupKL, flow_kl, normal_kl, normal_sample, soft_clamp5
+from nvae_fast.ops.spectral_norm import POWER_ITER_EPS, spectral_norm
 
 NUM_POWER_ITER = 4
-POWER_ITER_EPS = 1e-3
 
 ForwardOutput = tuple[Tensor, Tensor, Tensor, list[Tensor], list[Tensor]]
 
@@ -101,8 +102,17 @@ class NVAE(nn.Module):
             nn.ELU(), Conv2D(c.num_channels_dec, c.output_channels, 3, padding=1, bias=True))
 
         # Power-iteration state of spectral_norm_parallel, per weight-matrix shape (not saved).
+        # On the fused path the per-shape tensors are views of two flat buffers (_sr_flat).
         self._sr_u: dict[torch.Size, Tensor] = {}
         self._sr_v: dict[torch.Size, Tensor] = {}
+        self._sr_flat: tuple[Tensor, Tensor] | None = None
+        self._sr_layouts: dict[tuple[torch.device, torch.dtype], tuple[Tensor, list[tuple[torch.Size, int]]]] = {}
+        # Every convolution's weight is normalised in one op on the fused path (see _prepare_weights).
+        self._convs: list[Conv2D | ARConv2d] = self.conv_layers()
+        self._weight_bank = ConvWeightBank()
+        self._weight_bank.attach(self._convs)
+        self._forward_weights: tuple[Tensor, Tensor, int] | None = None
+        self._bn_offsets: dict[torch.device, Tensor] = {}
 
     # -----------------------------------------------------------------------------------------
     # Construction
@@ -223,9 +233,7 @@ class NVAE(nn.Module):
         if x.dtype != param.dtype and not torch.is_autocast_enabled(x.device.type):
             raise ValueError(f"x has dtype {x.dtype} but the model's parameters are {param.dtype}; convert one of "
                              "them or run under torch.autocast")
-        lo, hi = torch.aminmax(x.detach())
-        if lo < 0 or hi > 1:
-            raise ValueError(f"x must have values in [0, 1], got values in [{lo.item():.4g}, {hi.item():.4g}]")
+        distributions.check_unit_interval(x, "x")
 
     def forward(self, x: Tensor, deterministic: bool = False) -> ForwardOutput:
         """Encode x, sample every latent group from its posterior, decode.
@@ -245,6 +253,13 @@ class NVAE(nn.Module):
             otherwise analytic. Sums are fp32 (fp64 for a float64 model).
         """
         self._check_images(x)
+        self._prepare_weights()
+        try:
+            return self._forward(x, deterministic)
+        finally:
+            self._weight_bank.weights = None
+
+    def _forward(self, x: Tensor, deterministic: bool) -> ForwardOutput:
         ftr, combiners = self._encoder_features(x)
         mu_q, log_sigma_q = self.enc_sampler[0](ftr).chunk(2, dim=1)
         z0, group0 = self._posterior(0, None, None, mu_q, log_sigma_q, ftr, deterministic)
@@ -347,7 +362,11 @@ class NVAE(nn.Module):
             mu, log_sigma = self.dec_sampler[group - 1](state).chunk(2, dim=1)
             return normal_sample(mu, log_sigma, torch.randn_like(mu), t)
 
-        return self._decode(num_samples, latent)
+        self._prepare_weights()
+        try:
+            return self._decode(num_samples, latent)
+        finally:
+            self._weight_bank.weights = None
 
     def decoder_output(self, logits: Tensor):
         """The output distribution p(x | z) of ``logits`` (``config.output_distribution``):
@@ -575,13 +594,18 @@ class NVAE(nn.Module):
     def spectral_norm_parallel(self) -> Tensor:
         """Sum of the largest singular values of all convolution weights (as matrices C_out x rest).
 
-        Power iteration, batched over the weights of one shape: 4 iterations per call, 40 on the
-        first call for a shape, which draws the start vectors from the CPU random generator (as
-        the official model); the singular vectors persist between calls on the weights' device
-        (not in the state_dict). Differentiable in the weights (the vectors are constants).
+        Power iteration: 4 iterations per call, 40 on the first call for a shape, which draws the
+        start vectors from the CPU random generator (as the official model); the singular vectors
+        persist between calls on the weights' device (not in the state_dict). Differentiable in
+        the weights (the vectors are constants). On the fused path (the weight-norm op on a fast
+        backend) every matrix is iterated in one launch (:mod:`nvae_fast.ops.spectral_norm`) on the
+        weights the last forward pass normalised, when the parameters have not changed since;
+        otherwise batched by weight shape.
         """
+        if self._fused_weights():
+            return self._spectral_norm_fused()
         by_shape: dict[torch.Size, list[Tensor]] = {}
-        for conv in self.conv_layers():
+        for conv in self._convs:
             weight = conv.normalized_weight()
             matrix = weight.reshape(weight.shape[0], -1)
             by_shape.setdefault(matrix.shape, []).append(matrix)
@@ -589,21 +613,77 @@ class NVAE(nn.Module):
         for shape, matrices in by_shape.items():
             weights = torch.stack(matrices)
             with torch.no_grad():
-                u, v, iterations = self._power_vectors(shape, weights)
+                u, v, iterations = self._power_vectors(shape, *weights.shape, weights.device, weights.dtype)
+                u, v = u.to(weights), v.to(weights)
                 for _ in range(iterations):
                     v = F.normalize(torch.bmm(u.unsqueeze(1), weights).squeeze(1), dim=1, eps=POWER_ITER_EPS)
                     u = F.normalize(torch.bmm(weights, v.unsqueeze(2)).squeeze(2), dim=1, eps=POWER_ITER_EPS)
                 self._sr_u[shape], self._sr_v[shape] = u, v
+                self._sr_flat = None
             sigma = torch.bmm(u.unsqueeze(1), torch.bmm(weights, v.unsqueeze(2)))
             total = total + sigma.sum()
         return total
+
+    def _spectral_norm_fused(self) -> Tensor:
+        convs, bank = self._convs, self._weight_bank
+        inputs = self._reusable_forward_weights()
+        w, g = inputs if inputs is not None else bank.inputs(convs)
+        flat = bank.normalize(convs, w, g)
+        table, groups = self._spectral_layout(flat)
+        u, v, iterations = self._flat_power_vectors(groups, flat.device, flat.dtype)
+        sigma, u_new, v_new = spectral_norm(flat, table, u, v, iterations)
+        with torch.no_grad():
+            torch._foreach_copy_([u, v], [u_new, v_new])
+        return sigma.sum()
+
+    def _spectral_layout(self, flat: Tensor) -> tuple[Tensor, list[tuple[torch.Size, int]]]:
+        """The (L, 5) layer table of :func:`nvae_fast.ops.spectral_norm.spectral_norm` for the
+        bank's flat weights, and the (matrix shape, count) groups in first-seen order."""
+        key = (flat.device, flat.dtype)
+        if key not in self._sr_layouts:
+            offsets = self._weight_bank.layout(self._convs).offsets
+            groups: dict[torch.Size, list[int]] = {}
+            for i, conv in enumerate(self._convs):
+                rows = conv.weight.shape[0]
+                groups.setdefault(torch.Size([rows, conv.weight.numel() // rows]), []).append(i)
+            table = [[0] * 5 for _ in self._convs]
+            u_off = v_off = 0
+            for (rows, cols), members in groups.items():
+                for i in members:
+                    table[i] = [offsets[i], rows, cols, u_off, v_off]
+                    u_off, v_off = u_off + rows, v_off + cols
+            self._sr_layouts[key] = (torch.tensor(table, dtype=torch.int64, device=flat.device),
+                                     [(shape, len(members)) for shape, members in groups.items()])
+        return self._sr_layouts[key]
+
+    def _flat_power_vectors(self, groups: list[tuple[torch.Size, int]], device: torch.device, dtype: torch.dtype
+                            ) -> tuple[Tensor, Tensor, int]:
+        """Flat u, v buffers holding every group's vectors (the per-shape entries become views of
+        them) and the iterations to run: 40 when any vector was just drawn."""
+        iterations = NUM_POWER_ITER
+        for shape, num in groups:
+            u, v, iters = self._power_vectors(shape, num, *shape, device, dtype)
+            if iters != NUM_POWER_ITER:
+                self._sr_u[shape], self._sr_v[shape], iterations, self._sr_flat = u, v, iters, None
+        flat = self._sr_flat
+        if flat is None or flat[0].device != device or flat[0].dtype != dtype:
+            u = torch.cat([self._sr_u[shape].reshape(-1) for shape, _ in groups]).to(device, dtype)
+            v = torch.cat([self._sr_v[shape].reshape(-1) for shape, _ in groups]).to(device, dtype)
+            flat = self._sr_flat = (u, v)
+            u_off = v_off = 0
+            for (shape, num) in groups:
+                rows, cols = shape
+                self._sr_u[shape] = u[u_off:u_off + num * rows].view(num, rows)
+                self._sr_v[shape] = v[v_off:v_off + num * cols].view(num, cols)
+                u_off, v_off = u_off + num * rows, v_off + num * cols
+        return flat[0], flat[1], iterations
 
     def spectral_state(self) -> list[dict]:
         """The power-iteration vectors of :meth:`spectral_norm_parallel`, on the CPU: one
         ``{"shape": [rows, cols], "u": (num, rows), "v": (num, cols)}`` per weight shape. They live
         outside the state_dict, as in the official model; a training checkpoint carries them so that
         a resumed run computes the same regulariser."""
-        return [{"shape": list(shape), "u": u.detach().cpu(), "v": self._sr_v[shape].detach().cpu()}
+        return [{"shape": list(shape), "u": u.detach().cpu().clone(), "v": self._sr_v[shape].detach().cpu().clone()}
                 for shape, u in self._sr_u.items()]
 
     def load_spectral_state(self, state: list[dict]) -> None:
@@ -613,26 +693,76 @@ class NVAE(nn.Module):
             shape = torch.Size(item["shape"])
             self._sr_u[shape] = item["u"].to(device)
             self._sr_v[shape] = item["v"].to(device)
+        self._sr_flat = None
 
-    def _power_vectors(self, shape: torch.Size, weights: Tensor) -> tuple[Tensor, Tensor, int]:
-        num, rows, cols = weights.shape
+    def _power_vectors(self, shape: torch.Size, num: int, rows: int, cols: int, device: torch.device,
+                       dtype: torch.dtype) -> tuple[Tensor, Tensor, int]:
+        """The stored vectors of the ``num`` matrices of ``shape`` and the iterations to run: 4, or
+        random unit vectors and 40 iterations when none are stored for that many matrices."""
         u, v = self._sr_u.get(shape), self._sr_v.get(shape)
         if u is None or u.shape[0] != num:
             # As the official model: standard-normal float32 draws from the CPU generator (u, then
             # v, shape by shape in module order), whatever the weights' device, so that a seed
             # gives the same vectors on any device.
-            u = F.normalize(torch.randn(num, rows).to(weights), dim=1, eps=POWER_ITER_EPS)
-            v = F.normalize(torch.randn(num, cols).to(weights), dim=1, eps=POWER_ITER_EPS)
+            u = F.normalize(torch.randn(num, rows).to(device=device, dtype=dtype), dim=1, eps=POWER_ITER_EPS)
+            v = F.normalize(torch.randn(num, cols).to(device=device, dtype=dtype), dim=1, eps=POWER_ITER_EPS)
             return u, v, 10 * NUM_POWER_ITER
-        return u.to(weights), v.to(weights), NUM_POWER_ITER
+        return u, v, NUM_POWER_ITER
 
     def batchnorm_loss(self) -> Tensor:
-        """Sum over the affine BatchNorms of the largest absolute scale (the official BN loss)."""
-        total = self.prior_ftr0.new_zeros(())
-        for bn in self.bn_layers():
-            if bn.affine:
-                total = total + bn.weight.abs().max()
-        return total
+        """Sum over the affine BatchNorms of the largest absolute scale (the official BN loss), in
+        a few launches for all of them (a segmented max over their concatenated scales)."""
+        weights = [bn.weight for bn in self.bn_layers() if bn.affine]
+        if not weights:
+            return self.prior_ftr0.new_zeros(())
+        device = weights[0].device
+        offsets = self._bn_offsets.get(device)
+        if offsets is None or offsets.shape[0] != len(weights) + 1:
+            sizes = torch.tensor([0] + [w.numel() for w in weights], dtype=torch.int64)
+            offsets = self._bn_offsets[device] = sizes.cumsum(0).to(device)
+        flat = torch.cat([w.reshape(-1) for w in weights]).abs()
+        # unsafe=True skips segment_reduce's own check of the offsets, which reads them on the host.
+        return torch.segment_reduce(flat, "max", offsets=offsets, unsafe=True).sum()
+
+    # -----------------------------------------------------------------------------------------
+    # Convolution weights of a forward pass
+    # -----------------------------------------------------------------------------------------
+
+    def _fused_weights(self) -> bool:
+        """Whether the convolutions' weights go through the batched ops (a fast backend for
+        :mod:`nvae_fast.ops.weight_norm`) rather than being normalised one by one (the reference)."""
+        weight = self.prior_ftr0
+        return weight_norm_op.backend_for(weight.device, weight.dtype) != "torch"
+
+    def _prepare_weights(self) -> None:
+        """On the fused path, normalises every convolution's weight in one op and lends them to the
+        convolutions for this forward pass; keeps the op's inputs for :meth:`spectral_norm_parallel`."""
+        bank = self._weight_bank
+        bank.weights = None
+        self._forward_weights = None
+        if not self._fused_weights() or any(c.data_init and not c.init_done for c in self._convs
+                                            if isinstance(c, Conv2D)):
+            return  # the ELU cells' data-dependent init changes weights inside the forward
+        w, g = bank.inputs(self._convs)
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            self._forward_weights = (w, g, self._weights_version())
+        bank.weights = bank.split(self._convs, bank.normalize(self._convs, w, g))
+
+    def _reusable_forward_weights(self) -> tuple[Tensor, Tensor] | None:
+        """The last forward's concatenated weights when they still hold the parameters' values
+        (no in-place change since: an optimizer step bumps the version counters) and carry a graph
+        when one is needed. Concatenations save no tensors for backward, so a graph through them
+        can be used again after a backward. Compiled code recomputes them (inductor fuses that)."""
+        cached = self._forward_weights
+        if cached is None or torch.compiler.is_compiling():
+            return None
+        w, g, version = cached
+        if version != self._weights_version() or (torch.is_grad_enabled() and not w.requires_grad):
+            return None
+        return w, g
+
+    def _weights_version(self) -> int:
+        return sum(p._version for conv in self._convs for p in (conv.weight, conv.log_weight_norm) if p is not None)
 
     # -----------------------------------------------------------------------------------------
     # Attributes of the official model (read-only; user scripts written for it read them)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import nvae_fast
-from nvae_fast import BatchNormSwish, bn_swish, bn_swish_ref
+from nvae_fast import BatchNormSwish, backend, bn_swish, bn_swish_ref
 from nvae_fast.backend import BackendUnavailableError
 
 from conftest import HAS_CUDA, requires_cuda
@@ -153,12 +153,23 @@ def test_cuda_large_shapes(shape, dtype):
 def test_triton_statistics_are_accurate_far_from_zero():
     """Mean 1000, std 1: naive fp32 sum-of-squares would lose the variance entirely."""
     x = torch.randn(4, 8, 16, 16) + 1000.0
+    eps = 1e-5
+    running_mean, running_var = torch.full((8,), 2.0), torch.full((8,), 3.0)
     with nvae_fast.use_backend("triton"):
-        mean, var = torch.ops.nvae_fast.bn_stats(x.to(DEVICE))
+        mean, var = backend.kernels("bn_swish", "triton").bn_stats(x.to(DEVICE))
+        running_mean, running_var = running_mean.to(DEVICE), running_var.to(DEVICE)
+        fused_mean, invstd = torch.ops.nvae_fast.bn_stats(x.to(DEVICE), running_mean, running_var, 0.25, eps)
     ref_var, ref_mean = torch.var_mean(x.double(), dim=(0, 2, 3), unbiased=False)
-    mean, var = mean.cpu(), var.cpu()
+    mean, var, fused_mean, invstd = mean.cpu(), var.cpu(), fused_mean.cpu(), invstd.cpu()
+    running_mean, running_var = running_mean.cpu(), running_var.cpu()
     torch.testing.assert_close(mean.double(), ref_mean, atol=1e-4, rtol=0)
     torch.testing.assert_close(var.double(), ref_var, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(fused_mean, mean, atol=0, rtol=0)
+    torch.testing.assert_close(invstd.double(), torch.rsqrt(ref_var + eps), atol=0, rtol=1e-3)
+    # The running statistics move a quarter of the way towards the batch's (unbiased variance).
+    n = x.numel() // 8
+    torch.testing.assert_close(running_mean.double(), 0.75 * 2.0 + 0.25 * ref_mean, atol=1e-4, rtol=0)
+    torch.testing.assert_close(running_var.double(), 0.75 * 3.0 + 0.25 * ref_var * n / (n - 1), atol=1e-3, rtol=1e-3)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,10 +229,9 @@ def test_opcheck(training):
     x = torch.randn(2, 3, 4, 5, requires_grad=True)
     w, b, rm, rv = _params(3)
     w.requires_grad_()
-    mean, var = torch.ops.nvae_fast.bn_stats(x.detach())
-    invstd = torch.rsqrt(var + 1e-5)
+    mean, invstd = torch.ops.nvae_fast.bn_stats(x.detach(), None, None, 0.1, 1e-5)
     torch.library.opcheck(torch.ops.nvae_fast.bn_swish.default, (x, w, b, mean, invstd, training))
-    torch.library.opcheck(torch.ops.nvae_fast.bn_stats.default, (x.detach(),))
+    torch.library.opcheck(torch.ops.nvae_fast.bn_stats.default, (x.detach(), rm, rv, 0.1, 1e-5))
     dy = torch.randn_like(x)
     torch.library.opcheck(torch.ops.nvae_fast.bn_swish_backward.default,
                           (dy, x.detach(), w.detach(), b, mean, invstd, training))

@@ -57,12 +57,15 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[list[str], tuple[str, ...]]]:
         "nothing to resume": (["train", "--preset", "tiny_mnist", "--root", str(tmp / "runs"), "--resume"],
                               ("checkpoint.pt", "does not exist")),
         "bad flag value": (["sample", "--checkpoint", "x.pt", "--temp", "-1"], ("--temp",)),
+        "cuda graphs on the cpu": (["train", "--preset", "tiny_mnist", "--data", str(tmp / "mnist"), "--device", "cpu",
+                                    "--cuda_graphs", "--batch_size", "2", "--root", str(tmp / "runs")],
+                                   ("--cuda_graphs", "CUDA")),
     }
 
 
 @pytest.mark.parametrize("case", ["missing data path", "unknown format", "wrong image size", "wrong channels",
                                   "unknown preset", "bad option value", "corrupt checkpoint", "missing checkpoint",
-                                  "nothing to resume", "bad flag value"])
+                                  "nothing to resume", "bad flag value", "cuda graphs on the cpu"])
 def test_bad_input_exits_with_one_line(tmp_path, monkeypatch, capsys, case):
     monkeypatch.chdir(tmp_path)
     args, needles = _bad_inputs(tmp_path)[case]

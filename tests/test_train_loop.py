@@ -50,31 +50,62 @@ def test_a_few_steps_decrease_the_loss(preset):
     assert losses[-1] < 0.95 * losses[0] and np.mean(losses[-3:]) < np.mean(losses[:3]), losses
 
 
-def test_nan_batch_is_skipped_without_touching_the_weights():
+def test_bad_step_is_skipped_without_touching_the_weights():
+    """A step with a NaN gradient changes no weight, optimizer state, EMA or BatchNorm statistic
+    (the forward updated the running statistics: they are restored), decided on the device."""
     torch.manual_seed(0)
-    cfg = TrainConfig(epochs=1, warmup_epochs=0, max_bad_steps=3, batch_size=8, ema_decay=0.9)
+    cfg = TrainConfig(epochs=1, warmup_epochs=0, max_bad_steps=3, batch_size=8, ema_decay=0.9, log_every=1)
     trainer = Trainer(NVAE(NVAEConfig.preset("tiny_cifar10")), cfg, CPU, steps_per_epoch=10)
     x = _batch("tiny_cifar10")
     assert trainer.train_step(x).ok
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     ema_before = {k: v.clone() for k, v in trainer.ema.state_dict().items()}
-    adam_before = [s["exp_avg"].clone() for s in trainer.optimizer.state.values()]
-    bad = x.clone()
-    bad[2, 1, 5, 7] = float("nan")
-    stats = trainer.train_step(bad)
-    assert not stats.ok and trainer.guard.total == 1 and trainer.step == 2
+    adam_before = [{k: v.clone() for k, v in s.items()} for s in trainer.optimizer.state.values()]
+    weight = trainer.model.stem.weight
+    poison = weight.register_hook(lambda grad: grad * float("nan"))
+    stats = trainer.train_step(x)
+    assert not stats.ok and stats.logged["ok"] == 0 and trainer.guard.total == 1 and trainer.step == 2
     after = trainer.model.state_dict()
     for name, value in before.items():
         assert torch.equal(after[name], value), name
     for name, value in ema_before.items():
         assert torch.equal(trainer.ema.state_dict()[name], value), name
-    assert all(torch.equal(s["exp_avg"], a) for s, a in zip(trainer.optimizer.state.values(), adam_before))
+    for state, saved in zip(trainer.optimizer.state.values(), adam_before):
+        assert all(torch.equal(state[k], v) for k, v in saved.items())
     # A good step resets the run of bad ones; max_bad_steps in a row stop training.
+    poison.remove()
     assert trainer.train_step(x).ok and trainer.guard.consecutive == 0
-    trainer.train_step(bad)
-    trainer.train_step(bad)
+    weight.register_hook(lambda grad: grad * float("inf"))
+    trainer.train_step(x)
+    trainer.train_step(x)
     with pytest.raises(TrainingDiverged, match="3 consecutive steps"):
-        trainer.train_step(bad)
+        trainer.train_step(x)
+
+
+def test_bad_steps_are_counted_on_the_device_and_read_on_log_steps():
+    """Between log steps nothing is read: the guard's verdict waits on the device until the next
+    log step, which stops the run when too many steps in a row were bad."""
+    torch.manual_seed(0)
+    cfg = TrainConfig(epochs=1, warmup_epochs=0, max_bad_steps=2, batch_size=4, log_every=4)
+    trainer = Trainer(NVAE(NVAEConfig.preset("tiny_mnist")), cfg, CPU, steps_per_epoch=8)
+    x = _batch("tiny_mnist", 4)
+    trainer.model.stem.weight.register_hook(lambda grad: grad * float("nan"))
+    for _ in range(3):
+        stats = trainer.train_step(x)
+        assert stats.logged is None and not stats.ok
+    assert trainer.guard.total == 0   # the host has not looked yet
+    with pytest.raises(TrainingDiverged, match="4 consecutive steps up to step 3"):
+        trainer.train_step(x)
+
+
+def test_nan_and_out_of_range_images_are_refused():
+    model = NVAE(NVAEConfig.preset("tiny_cifar10"))
+    x = _batch("tiny_cifar10", 2)
+    for value, text in ((float("nan"), "NaN or Inf"), (float("inf"), "NaN or Inf"), (1.5, r"\[0, 1\]")):
+        bad = x.clone()
+        bad[1, 2, 3, 4] = value
+        with pytest.raises(ValueError, match=text):
+            model(bad)
 
 
 def test_mixed_precision_steps():
@@ -89,7 +120,8 @@ def test_mixed_precision_steps():
     torch.manual_seed(0)
     fp16 = Trainer(NVAE(NVAEConfig.preset("tiny_cifar10")), TrainConfig(epochs=1, warmup_epochs=0, amp="fp16"),
                    CPU, steps_per_epoch=8)
-    oks = [fp16.train_step(x).ok for _ in range(6)]
+    oks = [bool(fp16.train_step(x).ok) for _ in range(6)]
+    fp16.guard.check()
     assert oks[-1] and fp16.scaler.get_scale() <= 2.0 ** 10
     assert fp16.guard.total == oks.count(False) and fp16.guard.consecutive == 0
 

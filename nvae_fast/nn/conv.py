@@ -1,14 +1,18 @@
-"""Weight-normalised convolution: the official NVAE ``Conv2D``, same parameters and state_dict."""
+"""Weight-normalised convolution: the official NVAE ``Conv2D``, same parameters and state_dict;
+and :class:`ConvWeightBank`, which normalises the weights of many convolutions in one op.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nvae_fast import distributed
-
-WEIGHT_NORM_EPS = 1e-5
+from nvae_fast.ops.weight_norm import WEIGHT_NORM_EPS, weight_norm
 
 
 def normalize_weight(weight: Tensor, log_weight_norm: Tensor) -> Tensor:
@@ -57,10 +61,15 @@ class Conv2D(nn.Conv2d):
             self.register_load_state_dict_pre_hook(_load_weight_alias)
         self.data_init = data_init
         self.init_done = False
+        self.bank_slot: tuple[ConvWeightBank, int] | None = None
         self.register_load_state_dict_post_hook(_mark_init_done)
 
     def normalized_weight(self) -> Tensor:
-        """The weight the convolution applies (the official ``weight_normalized``)."""
+        """The weight the convolution applies (the official ``weight_normalized``): from its
+        :class:`ConvWeightBank` while the bank holds weights, else computed here."""
+        banked = bank_weight(self)
+        if banked is not None:
+            return banked
         if self.log_weight_norm is None:
             return self.weight
         return normalize_weight(self.weight, self.log_weight_norm)
@@ -103,3 +112,115 @@ def _load_weight_alias(module: Conv2D, state_dict: dict, prefix: str, local_meta
 
 def _mark_init_done(module: Conv2D, incompatible_keys) -> None:
     module.init_done = True
+
+
+# ---------------------------------------------------------------------------------------------
+# Many convolutions at once
+# ---------------------------------------------------------------------------------------------
+
+def bank_weight(conv: nn.Module) -> Tensor | None:
+    """The weight ``conv``'s bank holds for it now, or None."""
+    slot = conv.bank_slot
+    if slot is None:
+        return None
+    weights = slot[0].weights
+    return None if weights is None else weights[slot[1]]
+
+
+@dataclass
+class _FlatLayout:
+    """Where each convolution's weight lives in the flat buffer of one device and dtype.
+
+    The flat order puts convolutions without weight normalisation first, then the normalised
+    ones, and the masked (autoregressive) ones last, so that ``weight_norm`` sees one plain region,
+    one normalised region and one masked region.
+    """
+
+    order: list[int]               # flat position -> index into the bank's convolutions
+    plain: list[int]               # bank indices of convolutions without weight normalisation
+    sizes: list[int]               # numel of each weight, in flat order
+    offsets: list[int]             # start of each bank convolution's weight in the flat buffer
+    row_ptr: Tensor                # (R + 1,) int64
+    first_wn_row: int
+    mask: Tensor                   # masks of the masked region, or a (1,) placeholder
+    mask_start: int
+
+
+class ConvWeightBank:
+    """Normalises the weights of a list of convolutions (:class:`Conv2D` and the flows' masked
+    ``ARConv2d``) in one op, :func:`nvae_fast.ops.weight_norm.weight_norm`, instead of a few
+    launches per convolution.
+
+    :meth:`attach` gives each convolution a slot; while :attr:`weights` is set (by the owner, for
+    one forward pass), an attached convolution applies ``weights[slot]`` instead of normalising
+    its own weight. The bank holds no reference to the modules (the owner passes them), so copies
+    of a model (``copy.deepcopy``, EMA) get their own bank.
+    """
+
+    def __init__(self) -> None:
+        self.weights: list[Tensor] | None = None
+        self._layouts: dict[tuple[torch.device, torch.dtype], _FlatLayout] = {}
+
+    def attach(self, convs: Sequence[nn.Module]) -> None:
+        for i, conv in enumerate(convs):
+            conv.bank_slot = (self, i)
+
+    def __deepcopy__(self, memo: dict) -> ConvWeightBank:
+        return ConvWeightBank()
+
+    def __getstate__(self) -> dict:
+        return {"weights": None, "_layouts": {}}
+
+    def layout(self, convs: Sequence[nn.Module]) -> _FlatLayout:
+        """The flat layout of ``convs`` on their device and dtype (built once)."""
+        first = convs[0].weight
+        key = (first.device, first.dtype)
+        layout = self._layouts.get(key)
+        if layout is None:
+            layout = self._layouts[key] = self._build_layout(convs)
+        return layout
+
+    @staticmethod
+    def _build_layout(convs: Sequence[nn.Module]) -> _FlatLayout:
+        weight = convs[0].weight
+        plain = [i for i, c in enumerate(convs) if c.log_weight_norm is None]
+        masked = [i for i, c in enumerate(convs) if c.log_weight_norm is not None and getattr(c, "mask", None)
+                  is not None]
+        normed = [i for i, c in enumerate(convs) if c.log_weight_norm is not None and i not in masked]
+        order = plain + normed + masked
+        sizes = [convs[i].weight.numel() for i in order]
+        row_lengths = [length for i in order for length in [convs[i].weight[0].numel()] * convs[i].weight.shape[0]]
+        row_ptr = torch.tensor([0] + row_lengths, dtype=torch.int64).cumsum(0)
+        offsets = [0] * len(convs)
+        start = 0
+        for i, size in zip(order, sizes):
+            offsets[i] = start
+            start += size
+        mask_start = sum(sizes[:len(plain) + len(normed)])
+        mask = (torch.cat([convs[i].mask.reshape(-1) for i in masked]) if masked else weight.new_ones(1))
+        return _FlatLayout(order=order, plain=plain, sizes=sizes, offsets=offsets,
+                           row_ptr=row_ptr.to(weight.device),
+                           first_wn_row=sum(convs[i].weight.shape[0] for i in plain),
+                           mask=mask.to(weight.device, weight.dtype), mask_start=mask_start)
+
+    def inputs(self, convs: Sequence[nn.Module]) -> tuple[Tensor, Tensor]:
+        """The flat weights (T,) and log norms (rows of normalised convolutions,) of ``convs``:
+        two concatenations, differentiable in every parameter."""
+        layout = self.layout(convs)
+        w = torch.cat([convs[i].weight.reshape(-1) for i in layout.order])
+        g = torch.cat([convs[i].log_weight_norm.reshape(-1) for i in layout.order[len(layout.plain):]])
+        return w, g
+
+    def normalize(self, convs: Sequence[nn.Module], w: Tensor, g: Tensor) -> Tensor:
+        """The weights every convolution applies, flat (T,) (one op)."""
+        layout = self.layout(convs)
+        return weight_norm(w, g, layout.row_ptr, layout.first_wn_row, layout.mask, layout.mask_start)
+
+    def split(self, convs: Sequence[nn.Module], flat: Tensor) -> list[Tensor]:
+        """Per-convolution views of ``flat`` shaped as their weights, in the order of ``convs``."""
+        layout = self.layout(convs)
+        pieces = flat.split(layout.sizes)
+        weights: list[Tensor | None] = [None] * len(convs)
+        for i, piece in zip(layout.order, pieces):
+            weights[i] = piece.view(convs[i].weight.shape)
+        return weights

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nvae_fast.nn.conv import initial_weight_norm, normalize_weight
+from nvae_fast.nn.conv import ConvWeightBank, bank_weight, initial_weight_norm, normalize_weight
 
 FLOW_EXPANSION = 6
 MU_INIT_SCALE = 0.1  # the shift starts small: flows begin close to the identity
@@ -74,9 +74,14 @@ class ARConv2d(nn.Conv2d):
         with torch.no_grad():
             init = initial_weight_norm(self.weight * self.mask)
         self.log_weight_norm = nn.Parameter(torch.log(init + 1e-2))
+        self.bank_slot: tuple[ConvWeightBank, int] | None = None
 
     def normalized_weight(self) -> Tensor:
-        """The masked, weight-normalised weight the convolution applies."""
+        """The masked, weight-normalised weight the convolution applies (from its
+        :class:`~nvae_fast.nn.conv.ConvWeightBank` while the bank holds weights)."""
+        banked = bank_weight(self)
+        if banked is not None:
+            return banked
         return normalize_weight(self.weight * self.mask, self.log_weight_norm)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -14,10 +14,21 @@ fp64 for fp64 input on the torch backend - and ``out`` tensors keep x's memory f
 BatchNorm folds into ``scale = weight * invstd``, ``shift = bias - mean * scale``. Backward recomputes
 the normalised value from the saved input: the output is never saved (the official memory trick).
 
+Fused entry points, which keep the per-channel work inside the kernels (for a backend without them
+this module composes them from the four above):
+
+* ``bn_stats_update(x, running_mean, running_var, momentum, eps) -> (mean, invstd)``: running
+  statistics (or None) updated in place as ``torch.nn.BatchNorm2d`` updates them
+* ``bn_swish_affine_forward(x, weight, bias, mean, invstd, out)``:
+  out = swish((x - mean) * invstd * weight + bias)
+* ``bn_swish_affine_backward(dy, x, weight, bias, mean, invstd, training) -> (dx, dweight, dbias)``
+
 Public entry points: :func:`bn_swish` (functional, training and eval, optional process group),
 :func:`bn_swish_ref` (plain-autograd reference, float64-capable). The custom ops
 ``torch.ops.nvae_fast.bn_stats`` and ``torch.ops.nvae_fast.bn_swish`` (with autograd) let
-``torch.compile`` trace through without graph breaks.
+``torch.compile`` trace through without graph breaks. On the torch backend :func:`bn_swish` is
+``F.silu(F.batch_norm(...))``: PyTorch's own kernels, no custom-op dispatch (under
+``torch.compile`` inductor fuses them).
 """
 
 from __future__ import annotations
@@ -25,6 +36,7 @@ from __future__ import annotations
 from types import ModuleType, SimpleNamespace
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from nvae_fast import backend, distributed
@@ -120,12 +132,17 @@ _TORCH_KERNELS = SimpleNamespace(
 # Dispatch
 # ---------------------------------------------------------------------------------------------
 
-def kernels_for(x: Tensor) -> ModuleType | SimpleNamespace:
-    """The kernel namespace of the backend chosen for x (see nvae_fast.backend)."""
+def backend_for(x: Tensor) -> str:
+    """The backend chosen for x (see nvae_fast.backend)."""
     # Triton first: its kernels are checked against the reference on every CI run (interpreter);
     # the csrc/ kernels only compile on CI and await a GPU run of their tests before they lead.
     implemented = ("triton", "cuda", "torch") if x.dtype in _KERNEL_DTYPES else ("torch",)
-    name = backend.select(f"bn_swish[{str(x.dtype).removeprefix('torch.')}]", x.device, implemented)
+    return backend.select(f"bn_swish[{str(x.dtype).removeprefix('torch.')}]", x.device, implemented)
+
+
+def kernels_for(x: Tensor) -> ModuleType | SimpleNamespace:
+    """The kernel namespace of the backend chosen for x (see nvae_fast.backend)."""
+    name = backend_for(x)
     return _TORCH_KERNELS if name == "torch" else backend.kernels("bn_swish", name)
 
 
@@ -150,26 +167,56 @@ def _input_grad_coefs(scale: Tensor, invstd: Tensor, sum_g: Tensor, sum_gxmu: Te
     return coef_xmu.contiguous(), coef_const.contiguous()
 
 
+def _stats_update(kernels, x: Tensor, running_mean: Tensor | None, running_var: Tensor | None, momentum: float,
+                  eps: float) -> tuple[Tensor, Tensor]:
+    fused = getattr(kernels, "bn_stats_update", None)
+    if fused is not None:
+        return fused(x, running_mean, running_var, momentum, eps)
+    mean, var = kernels.bn_stats(x)
+    _update_running(running_mean, running_var, mean, var, x.numel() // x.shape[1], momentum)
+    return mean, torch.rsqrt(var + eps)
+
+
+def _affine_forward(kernels, x: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, invstd: Tensor) -> Tensor:
+    fused = getattr(kernels, "bn_swish_affine_forward", None)
+    if fused is not None:
+        return fused(x, weight, bias, mean, invstd, torch.empty_like(x))
+    scale, shift = _fold(weight, bias, mean, invstd)
+    return kernels.bn_swish_forward(x, scale, shift, torch.empty_like(x))
+
+
+def _affine_backward(kernels, dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, invstd: Tensor,
+                     training: bool) -> tuple[Tensor, Tensor, Tensor]:
+    fused = getattr(kernels, "bn_swish_affine_backward", None)
+    if fused is not None:
+        return fused(dy, x, weight, bias, mean, invstd, training)
+    scale, shift = _fold(weight, bias, mean, invstd)
+    sum_g, sum_gxmu = kernels.bn_swish_backward_reduce(dy, x, scale, shift, mean)
+    coef_xmu, coef_const = _input_grad_coefs(scale, invstd, sum_g, sum_gxmu, x.numel() // x.shape[1], training)
+    dx = kernels.bn_swish_backward_apply(dy, x, scale, shift, mean, coef_xmu, coef_const, torch.empty_like(x))
+    return dx, (sum_gxmu * invstd).to(weight.dtype), sum_g.to(bias.dtype)
+
+
 # ---------------------------------------------------------------------------------------------
 # Custom ops (torch.compile sees these as opaque nodes with a fake implementation)
 # ---------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("nvae_fast::bn_stats", mutates_args=())
-def _bn_stats_op(x: Tensor) -> tuple[Tensor, Tensor]:
-    mean, var = kernels_for(x).bn_stats(x)
-    return mean, var
+@torch.library.custom_op("nvae_fast::bn_stats", mutates_args=("running_mean", "running_var"))
+def _bn_stats_op(x: Tensor, running_mean: Tensor | None, running_var: Tensor | None, momentum: float,
+                 eps: float) -> tuple[Tensor, Tensor]:
+    mean, invstd = _stats_update(kernels_for(x), x, running_mean, running_var, momentum, eps)
+    return mean, invstd
 
 
 @_bn_stats_op.register_fake
-def _(x: Tensor) -> tuple[Tensor, Tensor]:
+def _(x, running_mean, running_var, momentum, eps):
     stat = x.new_empty(x.shape[1], dtype=_acc_dtype(x))
     return stat, torch.empty_like(stat)
 
 
 @torch.library.custom_op("nvae_fast::bn_swish", mutates_args=())
 def _bn_swish_op(x: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, invstd: Tensor, training: bool) -> Tensor:
-    scale, shift = _fold(weight, bias, mean, invstd)
-    return kernels_for(x).bn_swish_forward(x, scale, shift, torch.empty_like(x))
+    return _affine_forward(kernels_for(x), x, weight, bias, mean, invstd)
 
 
 @_bn_swish_op.register_fake
@@ -180,12 +227,8 @@ def _(x: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, invstd: Tensor, tra
 @torch.library.custom_op("nvae_fast::bn_swish_backward", mutates_args=())
 def _bn_swish_backward_op(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, invstd: Tensor,
                           training: bool) -> tuple[Tensor, Tensor, Tensor]:
-    kernels = kernels_for(x)
-    scale, shift = _fold(weight, bias, mean, invstd)
-    sum_g, sum_gxmu = kernels.bn_swish_backward_reduce(dy, x, scale, shift, mean)
-    coef_xmu, coef_const = _input_grad_coefs(scale, invstd, sum_g, sum_gxmu, x.numel() // x.shape[1], training)
-    dx = kernels.bn_swish_backward_apply(dy, x, scale, shift, mean, coef_xmu, coef_const, torch.empty_like(x))
-    return dx, (sum_gxmu * invstd).to(weight.dtype), sum_g.to(bias.dtype)
+    dx, dweight, dbias = _affine_backward(kernels_for(x), dy, x, weight, bias, mean, invstd, training)
+    return dx, dweight, dbias
 
 
 @_bn_swish_backward_op.register_fake
@@ -308,17 +351,18 @@ def bn_swish(
             (SyncBatchNorm semantics).
     """
     check_bn_inputs(x, weight, bias, running_mean, running_var, training)
+    synced = training and distributed.group_size(process_group) > 1
+    if not synced and backend_for(x) == "torch":
+        return F.silu(F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps))
     acc = _acc_dtype(x)
     if weight is None:
         weight = torch.ones(x.shape[1], device=x.device, dtype=acc)
     if bias is None:
         bias = torch.zeros(x.shape[1], device=x.device, dtype=acc)
-    if training and distributed.group_size(process_group) > 1:
+    if synced:
         return _SyncBnSwish.apply(x, weight, bias, running_mean, running_var, momentum, eps, process_group)
     if training:
-        mean, var = torch.ops.nvae_fast.bn_stats(x.detach())
-        _update_running(running_mean, running_var, mean, var, x.numel() // x.shape[1], momentum)
+        mean, invstd = torch.ops.nvae_fast.bn_stats(x.detach(), running_mean, running_var, momentum, eps)
     else:
-        mean, var = running_mean.to(acc), running_var.to(acc)
-    invstd = torch.rsqrt(var + eps)
+        mean, invstd = running_mean.to(acc), torch.rsqrt(running_var.to(acc) + eps)
     return torch.ops.nvae_fast.bn_swish(x, weight, bias, mean, invstd, training)

@@ -370,9 +370,12 @@ def _normal_kl_setup_context(ctx, inputs, output) -> None:
     mu_p, log_sigma_p, mu_q, log_sigma_q, eps, residual = inputs
     ctx.save_for_backward(mu_p, log_sigma_p, mu_q, log_sigma_q, eps)
     ctx.residual = residual
+    ctx.set_materialize_grads(False)   # outputs off the loss (log_q, log_p in training) cost no zeros
 
 
 def _normal_kl_backward(ctx, grad_z, grad_kl_all, grad_log_q, grad_log_p, grad_kl_diag):
+    if all(g is None for g in (grad_z, grad_kl_all, grad_log_q, grad_log_p, grad_kl_diag)):
+        return None, None, None, None, None, None
     mu_p, log_sigma_p, mu_q, log_sigma_q, eps = ctx.saved_tensors
     grads = torch.ops.nvae_fast.normal_kl_backward(grad_z, grad_kl_all, grad_log_q, grad_log_p, grad_kl_diag, mu_p,
                                                    log_sigma_p, mu_q, log_sigma_q, eps, ctx.residual)
@@ -409,11 +412,12 @@ def _normal_sample_setup_context(ctx, inputs, output) -> None:
     mu, log_sigma, eps, temperature = inputs
     ctx.save_for_backward(mu, log_sigma, eps)
     ctx.temperature = temperature
+    ctx.set_materialize_grads(False)
 
 
 def _normal_sample_backward(ctx, grad_z):
     mu, log_sigma, eps = ctx.saved_tensors
-    if mu is None:
+    if mu is None or grad_z is None:
         return None, None, None, None
     d_mu, d_log_sigma = torch.ops.nvae_fast.normal_sample_backward(grad_z, mu, log_sigma, eps, ctx.temperature)
     return d_mu, d_log_sigma, None, None
@@ -458,9 +462,12 @@ def _flow_kl_setup_context(ctx, inputs, output) -> None:
     mu_p, log_sigma_p, log_sigma_q, eps, z, log_det, residual = inputs
     ctx.save_for_backward(mu_p, log_sigma_p, log_sigma_q, eps, z, log_det)
     ctx.residual = residual
+    ctx.set_materialize_grads(False)
 
 
 def _flow_kl_backward(ctx, grad_kl_all, grad_log_q, grad_log_p, grad_kl_diag):
+    if all(g is None for g in (grad_kl_all, grad_log_q, grad_log_p, grad_kl_diag)):
+        return None, None, None, None, None, None, None
     mu_p, log_sigma_p, log_sigma_q, eps, z, log_det = ctx.saved_tensors
     grads = torch.ops.nvae_fast.flow_kl_backward(grad_kl_all, grad_log_q, grad_log_p, grad_kl_diag, mu_p,
                                                  log_sigma_p, log_sigma_q, eps, z, log_det, ctx.residual)

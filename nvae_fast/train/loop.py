@@ -184,21 +184,45 @@ def _apply_options(trainer: Trainer, cfg: TrainConfig, state: dict) -> list[str]
     return [f"--{k} {recorded[k]} -> {now[k]}" for k in now if k in recorded and recorded[k] != now[k]]
 
 
-def _log_step(monitor: Monitor, trainer: Trainer, stats: StepStats, rt: Runtime) -> None:
-    step = trainer.step
-    scalars = torch.stack([stats.loss, stats.nelbo, stats.recon, stats.kl, stats.grad_norm]).float()
-    loss, nelbo, recon, kl, grad_norm = all_reduce_mean(scalars, rt).tolist()
-    kl_per_group = all_reduce_mean(stats.kl_per_group.float(), rt)
-    active = all_reduce_mean(stats.active_units.float(), rt)
-    values = {"train/loss": loss, "train/nelbo_iter": nelbo, "train/recon_iter": recon, "train/kl_iter": kl,
-              "train/lr": stats.lr, "train/norm_loss": stats.norm_loss.item(), "train/bn_loss": stats.bn_loss.item(),
-              "train/norm_coeff": stats.norm_coeff, "train/grad_norm": grad_norm, "kl_coeff/coeff": stats.kl_coeff,
-              "kl/total_active": active.sum().item(), "train/skipped_steps": trainer.guard.total}
-    for g in range(kl_per_group.numel()):
-        values[f"kl_vals/layer_{g}"] = kl_per_group[g].item()
-        values[f"kl_coeff/layer_{g}"] = stats.kl_weights[g].item()
-        values[f"kl/active_{g}"] = active[g].item()
-    monitor.scalars(values, step)
+def _log_step(monitor: Monitor, trainer: Trainer, stats: StepStats) -> None:
+    """TensorBoard scalars of a log step, from the values the step read (global means)."""
+    v = stats.logged
+    values = {"train/loss": v["loss"], "train/nelbo_iter": v["nelbo"], "train/recon_iter": v["recon"],
+              "train/kl_iter": v["kl"], "train/lr": stats.lr, "train/norm_loss": v["norm_loss"],
+              "train/bn_loss": v["bn_loss"], "train/norm_coeff": stats.norm_coeff, "train/grad_norm": v["grad_norm"],
+              "kl_coeff/coeff": stats.kl_coeff, "kl/total_active": sum(v["active_units"]),
+              "train/skipped_steps": v["total_bad"]}
+    for g, (kl, weight, active) in enumerate(zip(v["kl_per_group"], v["kl_weights"], v["active_units"])):
+        values[f"kl_vals/layer_{g}"] = kl
+        values[f"kl_coeff/layer_{g}"] = weight
+        values[f"kl/active_{g}"] = active
+    monitor.scalars(values, trainer.step)
+
+
+class _EpochLosses:
+    """The global loss and the guard's verdict of every step of an epoch, kept on the device and
+    read in one transfer (one all-reduce) when the epoch ends or the run stops."""
+
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+        self.steps: list[int] = []
+        self.losses: list[torch.Tensor] = []
+        self.oks: list[torch.Tensor] = []
+
+    def add(self, step: int, stats: StepStats) -> None:
+        self.steps.append(step)
+        self.losses.append(stats.loss.float())
+        self.oks.append(stats.ok)
+
+    def read(self) -> tuple[dict[int, float], float]:
+        """({step: global loss}, mean global loss over the good steps)."""
+        if not self.steps:
+            return {}, 0.0
+        losses = all_reduce_mean(torch.stack(self.losses), self.rt)
+        values = torch.cat([losses, torch.stack(self.oks).float()]).tolist()
+        n = len(self.steps)
+        good = [loss for loss, ok in zip(values[:n], values[n:]) if ok]
+        return dict(zip(self.steps, values[:n])), sum(good) / max(len(good), 1)
 
 
 GRID_TEMPERATURES = (0.7, 0.8, 0.9, 1.0)  # the official train.py's sample grids after an epoch
@@ -269,7 +293,8 @@ def _should_evaluate(epoch: int, cfg: TrainConfig) -> bool:
 
 def run_training(model_cfg, cfg: TrainConfig, run_dir: str | Path, rt: Runtime, *, resume: bool = False,
                  overwrite: bool = False, stop_after_step: int | None = None, export_official: bool = False,
-                 export_safetensors: bool = False, tensorboard: bool = True) -> TrainResult:
+                 export_safetensors: bool = False, tensorboard: bool = True, compile: bool = False,
+                 cuda_graphs: bool = False) -> TrainResult:
     """Trains an ``NVAE(model_cfg)`` with ``cfg`` on ``rt``, writing into ``run_dir``.
 
     Args:
@@ -283,6 +308,8 @@ def run_training(model_cfg, cfg: TrainConfig, run_dir: str | Path, rt: Runtime, 
             schedules still follow ``cfg.epochs``, so ``resume`` continues the same run.
         export_official, export_safetensors: at the end, also write the weights in the official
             checkpoint format and as safetensors.
+        compile, cuda_graphs: the training step under ``torch.compile`` / replayed as a CUDA graph
+            (see :class:`nvae_fast.train.trainer.Trainer`).
     Raises:
         InputError: bad data, run directory or checkpoint (before training where it can be known).
         TrainingDiverged: ``cfg.max_bad_steps`` NaN/Inf steps in a row, or NaN/Inf weights at a
@@ -308,7 +335,7 @@ def run_training(model_cfg, cfg: TrainConfig, run_dir: str | Path, rt: Runtime, 
         fmt, train_loader, test_loader = _loaders(model_cfg, cfg, rt)
         model = _build_model(model_cfg)
         steps_per_epoch = len(train_loader)
-        trainer = Trainer(model, cfg, rt, steps_per_epoch)
+        trainer = Trainer(model, cfg, rt, steps_per_epoch, compile=compile, cuda_graphs=cuda_graphs)
         if overwrite and rt.is_main and run_dir.is_dir():
             removed = _clear_run_dir(run_dir)
             if removed:
@@ -340,30 +367,29 @@ def run_training(model_cfg, cfg: TrainConfig, run_dir: str | Path, rt: Runtime, 
                                               order=epoch * steps_per_epoch)
             if trainer.epoch_step == 0:
                 _draw_loader_seed()
-            started, loss_sum, loss_count = time.time(), torch.zeros((), device=rt.device), 0
+            started, epoch_losses = time.time(), _EpochLosses(rt)
             x = None
             bar = monitor.progress(train_loader, total=len(train_loader), desc=f"epoch {epoch + 1}/{cfg.epochs}")
             for x in bar:
                 threads.adjust()
+                # Only log steps read values from the device; the others leave the GPU's queue full.
                 stats = trainer.train_step(x)
                 if trainer.step % OFFICIAL_RECONSTRUCTION_EVERY == 0 and not cfg.isolate_eval_rng:
                     _draw_reconstruction_noise(trainer, len(x))
-                global_loss = all_reduce_mean(stats.loss.float(), rt)
-                if stats.ok:
-                    loss_sum += global_loss
-                    loss_count += 1
-                result.losses[trainer.step - 1] = global_loss.item()
-                if hasattr(bar, "set_postfix"):
-                    bar.set_postfix(loss=f"{result.losses[trainer.step - 1]:.2f}", refresh=False)
-                if trainer.step % cfg.log_every == 0:
-                    _log_step(monitor, trainer, stats, rt)
+                epoch_losses.add(trainer.step - 1, stats)
+                if stats.logged is not None:
+                    _log_step(monitor, trainer, stats)
+                    if hasattr(bar, "set_postfix"):
+                        bar.set_postfix(loss=f"{stats.logged['loss']:.2f}", refresh=False)
                 if stop_after_step is not None and trainer.step >= stop_after_step:
                     stopped = True
                     break
                 if cfg.checkpoint_every and trainer.step % cfg.checkpoint_every == 0 \
                         and trainer.epoch_step < steps_per_epoch:
                     _save(trainer, model_cfg, cfg, run_dir, rt)
-            train_loss = (loss_sum / max(loss_count, 1)).item()
+            step_losses, train_loss = epoch_losses.read()
+            result.losses.update(step_losses)
+            trainer.guard.check()
             line = (f"epoch {epoch + 1}/{cfg.epochs}  train loss {train_loss:.3f}  lr {trainer.last_lr:.2e}  "
                     f"kl coeff {trainer.last_kl_coeff:.3f}  skipped steps {trainer.guard.total}  "
                     f"{time.time() - started:.1f}s")

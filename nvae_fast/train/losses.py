@@ -36,7 +36,7 @@ def kl_balance_alphas(groups_per_scale: Sequence[int]) -> Tensor:
     return alphas / alphas.min()
 
 
-def balanced_kl(kl_all: Sequence[Tensor], kl_coeff: float, alphas: Tensor | None,
+def balanced_kl(kl_all: Sequence[Tensor], kl_coeff: float | Tensor, alphas: Tensor | None,
                 mean_over_batch: Callable[[Tensor], Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """KL term of the loss, per sample, with KL balancing during warm-up.
 
@@ -47,7 +47,9 @@ def balanced_kl(kl_all: Sequence[Tensor], kl_coeff: float, alphas: Tensor | None
 
     Args:
         kl_all: G tensors (N,), the per-sample KL of each group.
-        kl_coeff: the warm-up coefficient multiplying the whole KL.
+        kl_coeff: the warm-up coefficient multiplying the whole KL: a float, or a 0-d tensor
+            (compiled and CUDA-graph steps), for which the choice between balanced and plain
+            weights is made on the device.
         alphas: (G,) from ``kl_balance_alphas``, or None for no balancing.
         mean_over_batch: maps a local (G,) batch mean to the mean over the global batch; pass a
             cross-rank average in distributed training so that every rank uses the same γ.
@@ -56,16 +58,18 @@ def balanced_kl(kl_all: Sequence[Tensor], kl_coeff: float, alphas: Tensor | None
     """
     kl = torch.stack(list(kl_all), dim=1)  # (N, G)
     kl_per_group = kl.detach().mean(dim=0)
-    if alphas is not None and kl_coeff < 1.0:
-        if alphas.numel() != kl.shape[1]:
-            raise ValueError(f"alphas has {alphas.numel()} entries but the model has {kl.shape[1]} latent groups")
+    if alphas is not None and alphas.numel() != kl.shape[1]:
+        raise ValueError(f"alphas has {alphas.numel()} entries but the model has {kl.shape[1]} latent groups")
+    if alphas is None or (not isinstance(kl_coeff, Tensor) and kl_coeff >= 1.0):
+        gamma = torch.ones_like(kl_per_group)
+    else:
         magnitude = kl.detach().abs().mean(dim=0)
         if mean_over_batch is not None:
             magnitude = mean_over_batch(magnitude)
         gamma = (magnitude + 0.01) / alphas.to(kl.device, kl.dtype)
         gamma = gamma / gamma.mean()
-    else:
-        gamma = torch.ones_like(kl_per_group)
+        if isinstance(kl_coeff, Tensor):
+            gamma = torch.where(kl_coeff < 1.0, gamma, 1.0)
     return kl_coeff * (kl * gamma).sum(dim=1), gamma, kl_per_group
 
 

@@ -134,6 +134,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     run.add_argument("--device", default=_S, help="cpu, cuda, cuda:N (default: the GPU of this rank if any)")
     run.add_argument("--fast_adamax", action="store_true", default=_S,
                      help="accepted for compatibility: Adamax always runs multi-tensor (foreach)")
+    run.add_argument("--compile", action="store_true", default=_S,
+                     help="run the forward pass and the losses under torch.compile (the backward is compiled "
+                          "with them; the first steps take longer)")
+    run.add_argument("--cuda_graphs", action="store_true", default=_S,
+                     help="CUDA only, one process: after three warm-up steps, capture the whole training step as "
+                          "a CUDA graph and replay it (with --compile: the compiled step)")
     train = p.add_argument_group("training (official flags and additions)")
     for name, kind, text in _TRAIN_FLAGS:
         train.add_argument(f"--{name}", type=kind, default=_S, help=_with_default(text, TrainConfig, name))
@@ -162,6 +168,8 @@ class TrainRequest:
     export_official: bool
     export_safetensors: bool
     device: str | None
+    compile: bool = False
+    cuda_graphs: bool = False
 
 
 def official_launch(args: argparse.Namespace) -> list[str] | None:
@@ -287,4 +295,5 @@ def resolve_train(args: argparse.Namespace) -> TrainRequest:
                         stop_after_step=stop_after_step,
                         export_official=bool(given.get("export_official", False)),
                         export_safetensors=bool(given.get("export_safetensors", False)),
-                        device=given.get("device"))
+                        device=given.get("device"), compile=bool(given.get("compile", False)),
+                        cuda_graphs=bool(given.get("cuda_graphs", False)))

@@ -103,13 +103,14 @@ def all_reduce_mean(t: Tensor, rt: Runtime) -> Tensor:
     return all_reduce_sum(t, rt) / rt.world_size if rt.distributed else t
 
 
-def all_ranks_true(flag: bool, rt: Runtime) -> bool:
-    """True only if ``flag`` is true on every rank (a collective: every rank must call it)."""
+def all_ranks_all(flag: Tensor, rt: Runtime) -> Tensor:
+    """A 0-d bool tensor, true only where ``flag`` (0-d bool) is true on every rank: a collective
+    every rank must call, decided on the device (the host reads nothing)."""
     if not rt.distributed:
         return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=rt.device)
+    t = flag.to(torch.float32).reshape(1)
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item())
+    return t[0] > 0.5
 
 
 def gather_objects(obj, rt: Runtime) -> list:
