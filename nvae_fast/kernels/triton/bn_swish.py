@@ -19,7 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from nvae_fast.kernels.triton.common import finalize_stats, finalize_sums, row_offsets, swish_grad, welford_merge
+from nvae_fast.kernels.triton.common import (finalize_stats, finalize_sums, merge_welford_slots, row_offsets,
+                                             swish_grad)
 
 
 @triton.jit
@@ -65,21 +66,7 @@ def _stats_finalize_kernel(ws_ptr, mean_ptr, invstd_ptr, rmean_ptr, rvar_ptr, C,
     statistics towards the batch's (unbiased variance), as torch.nn.BatchNorm2d does."""
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < C
-    count = tl.zeros([BLOCK_C], dtype=tl.float32)
-    mean = tl.zeros([BLOCK_C], dtype=tl.float32)
-    m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for p0 in range(0, num_slots, BLOCK_P):
-        slots = p0 + tl.arange(0, BLOCK_P)
-        mask = (slots < num_slots)[:, None] & col_ok[None, :]
-        offs = slots[:, None].to(tl.int64) * C + cols[None, :]
-        n_p = tl.load(ws_ptr + offs, mask=mask, other=0.0)
-        mean_p = tl.load(ws_ptr + num_slots * C + offs, mask=mask, other=0.0)
-        m2_p = tl.load(ws_ptr + 2 * num_slots * C + offs, mask=mask, other=0.0)
-        tile_n = tl.sum(n_p, axis=0)
-        tile_mean = tl.sum(n_p * mean_p, axis=0) / tl.maximum(tile_n, 1.0)
-        dev = mean_p - tile_mean[None, :]
-        tile_m2 = tl.sum(m2_p + n_p * dev * dev, axis=0)
-        count, mean, m2 = welford_merge(count, mean, m2, tile_n, tile_mean, tile_m2)
+    count, mean, m2 = merge_welford_slots(ws_ptr, num_slots, C, 0, num_slots, cols, col_ok, BLOCK_P)
     var = m2 / tl.maximum(count, 1.0)
     tl.store(mean_ptr + cols, mean, mask=col_ok)
     tl.store(invstd_ptr + cols, 1.0 / tl.sqrt(var + eps), mask=col_ok)
