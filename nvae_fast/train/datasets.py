@@ -381,37 +381,18 @@ class _FolderReader:
         return _to_model_image(_open_image(self.paths[i], name), self.size, self.channels, name=name)
 
 
-class _LMDBReader:
-    """Reads one split of the official LMDB layout; opens the environment lazily in each process
-    (an LMDB handle must not cross a fork into loader workers)."""
+class _LMDBReader(official_data.LMDBRecords):
+    """Reads one split of the official LMDB layout (records keyed "0", "1", ...)."""
 
     def __init__(self, path: Path, size: int, channels: int, box: tuple[int, int, int, int] | None) -> None:
-        self.path, self.size, self.channels, self.box = path, size, channels, box
-        self._env = None
-        env = self._open()
-        self.length = env.stat()["entries"]
-        env.close()
-        self._env = None
-
-    def _open(self):
-        import lmdb
-
-        try:
-            return lmdb.open(str(self.path), readonly=True, lock=False, readahead=False, meminit=False,
-                             max_readers=1)
-        except lmdb.Error as e:
-            raise InputError(f"{self.path}: not a readable LMDB database ({e})") from e
-
-    def __getstate__(self):
-        return {**self.__dict__, "_env": None}
+        super().__init__(path)
+        self.size, self.channels, self.box = size, channels, box
+        self.length = self.entries()
 
     def __call__(self, i: int) -> Tensor:
         from PIL import Image
 
-        if self._env is None:
-            self._env = self._open()
-        with self._env.begin(write=False) as txn:
-            data = txn.get(str(i).encode())
+        data = self.get(str(i).encode())
         name = f"{self.path}[{i}]"
         if data is None:
             raise InputError(f"{name}: key {i} missing (keys must be 0..{self.length - 1})")

@@ -137,23 +137,13 @@ def lsun_split_paths(root: str | os.PathLike, dataset: str) -> tuple[Path, Path]
     return paths
 
 
-class LSUNReader:
-    """Images of one LSUN LMDB folder, in key order, resized to shorter side ``size``: uint8
-    (channels, H, W) with min(H, W) = size. Opens the database lazily in each process (an LMDB
-    handle must not cross a fork into loader workers)."""
+class LMDBRecords:
+    """Read-only access to one LMDB database that opens it lazily in each process: an LMDB
+    handle must not cross a fork into loader workers, so pickling drops it."""
 
-    def __init__(self, path: Path, size: int, channels: int) -> None:
-        self.path, self.size, self.channels = path, size, channels
-        env = self._open()
-        with env.begin(write=False) as txn:
-            self.keys = [key for key in txn.cursor().iternext(keys=True, values=False)]
-        env.close()
+    def __init__(self, path: Path) -> None:
+        self.path = path
         self._env = None
-        if not self.keys:
-            raise InputError(f"{path}: the database is empty")
-
-    def __len__(self) -> int:
-        return len(self.keys)
 
     def _open(self):
         import lmdb
@@ -164,17 +154,53 @@ class LSUNReader:
         except lmdb.Error as e:
             raise InputError(f"{self.path}: not a readable LMDB database ({e})") from e
 
+    def entries(self) -> int:
+        """The number of records (read with a handle closed at once)."""
+        env = self._open()
+        try:
+            return env.stat()["entries"]
+        finally:
+            env.close()
+
+    def keys(self) -> list[bytes]:
+        """Every key, in the database's order (read with a handle closed at once)."""
+        env = self._open()
+        try:
+            with env.begin(write=False) as txn:
+                return list(txn.cursor().iternext(keys=True, values=False))
+        finally:
+            env.close()
+
+    def get(self, key: bytes) -> bytes | None:
+        if self._env is None:
+            self._env = self._open()
+        with self._env.begin(write=False) as txn:
+            return txn.get(key)
+
     def __getstate__(self):
         return {**self.__dict__, "_env": None}
+
+
+class LSUNReader(LMDBRecords):
+    """Images of one LSUN LMDB folder, in key order, resized to shorter side ``size``: uint8
+    (channels, H, W) with min(H, W) = size."""
+
+    def __init__(self, path: Path, size: int, channels: int) -> None:
+        super().__init__(path)
+        self.size, self.channels = size, channels
+        self.record_keys = self.keys()
+        if not self.record_keys:
+            raise InputError(f"{path}: the database is empty")
+
+    def __len__(self) -> int:
+        return len(self.record_keys)
 
     def __call__(self, i: int) -> Tensor:
         from PIL import Image, UnidentifiedImageError
 
-        if self._env is None:
-            self._env = self._open()
-        with self._env.begin(write=False) as txn:
-            data = txn.get(self.keys[i])
-        name = f"{self.path}[{self.keys[i].decode(errors='replace')}]"
+        key = self.record_keys[i]
+        data = self.get(key)
+        name = f"{self.path}[{key.decode(errors='replace')}]"
         try:
             img = Image.open(io.BytesIO(data))
             img = img.convert("RGB" if self.channels == 3 else "L")
