@@ -47,6 +47,17 @@ def _copy_vector(src, dst, n, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _rows_times_v(f_ptr, w_off, v, r, R, C, BLOCK_C: tl.constexpr):
+    """(W v)[r] in fp32 for the row block ``r`` of the (R, C) matrix at ``w_off``."""
+    acc = tl.zeros(r.shape, dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        vc = tl.load(v + c, mask=c < C, other=0.0).to(tl.float32)
+        acc += tl.sum(_tile(f_ptr, w_off, r, c, R, C) * vc[None, :], axis=1)
+    return acc
+
+
+@triton.jit
 def _power_iteration_kernel(f_ptr, u_in_ptr, v_in_ptr, u_ptr, v_ptr, sigma_ptr, layers_ptr, iterations, eps,
                             BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     l = tl.program_id(0)
@@ -75,11 +86,7 @@ def _power_iteration_kernel(f_ptr, u_in_ptr, v_in_ptr, u_ptr, v_ptr, sigma_ptr, 
         ss = 0.0
         for r0 in range(0, R, BLOCK_R):
             r = r0 + tl.arange(0, BLOCK_R)
-            acc = tl.zeros([BLOCK_R], dtype=tl.float32)
-            for c0 in range(0, C, BLOCK_C):
-                c = c0 + tl.arange(0, BLOCK_C)
-                vc = tl.load(v + c, mask=c < C, other=0.0).to(tl.float32)
-                acc += tl.sum(_tile(f_ptr, w_off, r, c, R, C) * vc[None, :], axis=1)
+            acc = _rows_times_v(f_ptr, w_off, v, r, R, C, BLOCK_C)
             tl.store(u + r, acc.to(u_ptr.dtype.element_ty), mask=r < R)
             ss += tl.sum(acc * acc, axis=0)
         tl.debug_barrier()
@@ -88,11 +95,7 @@ def _power_iteration_kernel(f_ptr, u_in_ptr, v_in_ptr, u_ptr, v_ptr, sigma_ptr, 
     sigma = 0.0
     for r0 in range(0, R, BLOCK_R):
         r = r0 + tl.arange(0, BLOCK_R)
-        acc = tl.zeros([BLOCK_R], dtype=tl.float32)
-        for c0 in range(0, C, BLOCK_C):
-            c = c0 + tl.arange(0, BLOCK_C)
-            vc = tl.load(v + c, mask=c < C, other=0.0).to(tl.float32)
-            acc += tl.sum(_tile(f_ptr, w_off, r, c, R, C) * vc[None, :], axis=1)
+        acc = _rows_times_v(f_ptr, w_off, v, r, R, C, BLOCK_C)
         ur = tl.load(u + r, mask=r < R, other=0.0).to(tl.float32)
         sigma += tl.sum(ur * acc, axis=0)
     tl.store(sigma_ptr + l, sigma)
